@@ -1,0 +1,172 @@
+"""Node configuration.
+
+Settings come from, in order of precedence: keyword arguments, ``PACS_TRIAGE_*``
+environment variables, a TOML file (``PACS_TRIAGE_CONFIG`` or ``./pacs-triage.toml``)
+and the defaults below. Every setting has a working default, so ``pacs-triage
+serve`` runs with no configuration at all. Nested values (lists of callers, move
+destinations) are JSON in the environment and tables in TOML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "PACS_TRIAGE_"
+CONFIG_FILE_ENV = "PACS_TRIAGE_CONFIG"
+DEFAULT_CONFIG_FILE = "pacs-triage.toml"
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pacs-triage"
+
+
+class DuplicatePolicyValues(str, Enum):
+    """What C-STORE does with a second copy of a SOP Instance whose bytes differ."""
+
+    KEEP_FIRST = "keep_first"
+    OVERWRITE = "overwrite"
+
+
+class CallerRule(BaseModel):
+    """One allowed DICOM caller: a calling AE title, optionally bound to source networks.
+
+    ``hosts`` holds IP addresses or networks in CIDR notation (``10.1.2.0/24``);
+    empty means any source address.
+    """
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("hosts")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for host in value:
+            ipaddress.ip_network(host, strict=False)
+        return value
+
+    def admits(self, ae_title: str, address: str) -> bool:
+        """Return True if a caller with `ae_title` from `address` matches this rule."""
+        if ae_title.strip() != self.ae_title.strip():
+            return False
+        if not self.hosts:
+            return True
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        return any(ip in ipaddress.ip_network(h, strict=False) for h in self.hosts)
+
+
+class RemoteAE(BaseModel):
+    """A DICOM peer the node may connect to (C-MOVE destination, remote PACS, forward target)."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(gt=0, lt=65536)
+
+
+class Settings(BaseSettings):
+    """All node settings, with working defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    """Root of the file store and, by default, of the SQLite index."""
+
+    database_url: str | None = None
+    """SQLAlchemy URL of the index; default ``sqlite:///<data_dir>/index.sqlite``."""
+
+    ae_title: str = Field(default="PACS_TRIAGE", min_length=1, max_length=16)
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(default=11112, ge=0, lt=65536)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, lt=65536)
+
+    dicom_workers: int = Field(default=0, ge=0)
+    """DIMSE worker processes; 0 means one per CPU core."""
+
+    maximum_pdu_size: int = Field(default=131072, ge=0)
+    """Largest P-DATA PDU we accept (PS3.8 D.1); fewer, larger PDUs cost less CPU."""
+
+    maximum_associations: int = Field(default=32, ge=1)
+    """Concurrent associations per worker process."""
+
+    network_timeout: float = Field(default=60.0, gt=0)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+
+    allowed_callers: list[CallerRule] = Field(default_factory=list)
+    """Calling AE titles (and optional source networks) allowed to associate."""
+
+    open_on_loopback: bool = True
+    """Accept any calling AE title from 127.0.0.0/8 and ::1, even if not listed."""
+
+    duplicate_policy: DuplicatePolicyValues = DuplicatePolicyValues.KEEP_FIRST
+
+    fsync: bool = True
+    """fsync files and directories before acknowledging; only turn off for throwaway nodes."""
+
+    move_destinations: list[RemoteAE] = Field(default_factory=list)
+    """Known C-MOVE destinations, by AE title."""
+
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = Path(os.environ.get(CONFIG_FILE_ENV, DEFAULT_CONFIG_FILE))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The index URL, defaulting to a SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'index.sqlite'}"
+
+    @property
+    def resolved_dicom_workers(self) -> int:
+        return self.dicom_workers or os.cpu_count() or 1
+
+    def caller_allowed(self, ae_title: str, address: str) -> bool:
+        """Decide whether a calling AE from `address` may associate.
+
+        Loopback callers are admitted when :attr:`open_on_loopback` is set; everyone
+        else must match an entry of :attr:`allowed_callers`.
+        """
+        if self.open_on_loopback:
+            try:
+                if ipaddress.ip_address(address.split("%", 1)[0]).is_loopback:
+                    return True
+            except ValueError:
+                pass
+        return any(rule.admits(ae_title, address) for rule in self.allowed_callers)
+
+    def move_destination(self, ae_title: str) -> RemoteAE | None:
+        """Return the configured peer for a C-MOVE destination AE title, if any."""
+        for remote in self.move_destinations:
+            if remote.ae_title.strip() == ae_title.strip():
+                return remote
+        return None

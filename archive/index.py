@@ -1,0 +1,226 @@
+"""SQL index of the archive: Patient / Study / Series / Instance.
+
+The index holds the attributes that C-FIND, QIDO-RS and the worklist need,
+plus where each instance's file lies and its checksum. It is the SQLAlchemy 2
+ORM model; the schema itself is created and changed only by the Alembic
+migrations in ``archive/migrations``. Each column's comment gives its tag,
+keyword, VR and the key type it has in the Patient Root / Study Root C-FIND
+information models (PS3.4 C.6.1.1 / C.6.2.1: U unique, R required, O optional,
+D derived by the archive).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given where UTC is required")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table of the index."""
+
+
+class Patient(Base):
+    """Patient level of the Patient Root information model (PS3.4 C.6.1.1.2)."""
+
+    __tablename__ = "patient"
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patient_identity"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(
+        String(64), default="", comment="(0010,0020) PatientID LO, U"
+    )
+    issuer_of_patient_id: Mapped[str] = mapped_column(
+        String(64), default="", comment="(0010,0021) IssuerOfPatientID LO, O"
+    )
+    patient_name: Mapped[str] = mapped_column(
+        String(324), default="", comment="(0010,0010) PatientName PN, R"
+    )
+    patient_birth_date: Mapped[str] = mapped_column(
+        String(8), default="", comment="(0010,0030) PatientBirthDate DA, R"
+    )
+    patient_sex: Mapped[str] = mapped_column(
+        String(16), default="", comment="(0010,0040) PatientSex CS, R"
+    )
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    """Study level of the Study Root information model (PS3.4 C.6.2.1.2)."""
+
+    __tablename__ = "study"
+    __table_args__ = (
+        Index("ix_study_accession_number", "accession_number"),
+        Index("ix_study_study_date", "study_date"),
+        Index("ix_study_patient_pk", "patient_pk"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(
+        String(64), unique=True, comment="(0020,000D) StudyInstanceUID UI, U"
+    )
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"))
+    study_date: Mapped[str] = mapped_column(
+        String(8), default="", comment="(0008,0020) StudyDate DA, R"
+    )
+    study_time: Mapped[str] = mapped_column(
+        String(16), default="", comment="(0008,0030) StudyTime TM, R"
+    )
+    accession_number: Mapped[str] = mapped_column(
+        String(16), default="", comment="(0008,0050) AccessionNumber SH, R"
+    )
+    study_id: Mapped[str] = mapped_column(
+        String(16), default="", comment="(0020,0010) StudyID SH, R"
+    )
+    study_description: Mapped[str] = mapped_column(
+        String(64), default="", comment="(0008,1030) StudyDescription LO, O"
+    )
+    referring_physician_name: Mapped[str] = mapped_column(
+        String(324), default="", comment="(0008,0090) ReferringPhysicianName PN, O"
+    )
+    modalities_in_study: Mapped[str] = mapped_column(
+        String(256), default="", comment="(0008,0061) ModalitiesInStudy CS, D (backslash-joined)"
+    )
+    number_of_study_related_series: Mapped[int] = mapped_column(
+        Integer, default=0, comment="(0020,1206) NumberOfStudyRelatedSeries IS, D"
+    )
+    number_of_study_related_instances: Mapped[int] = mapped_column(
+        Integer, default=0, comment="(0020,1208) NumberOfStudyRelatedInstances IS, D"
+    )
+    first_received_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, comment="when the first instance of the study arrived"
+    )
+    last_received_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, comment="when the latest instance of the study arrived"
+    )
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    """Series level (PS3.4 C.6.2.1.3)."""
+
+    __tablename__ = "series"
+    __table_args__ = (Index("ix_series_study_pk", "study_pk"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(
+        String(64), unique=True, comment="(0020,000E) SeriesInstanceUID UI, U"
+    )
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"))
+    modality: Mapped[str] = mapped_column(
+        String(16), default="", comment="(0008,0060) Modality CS, R"
+    )
+    series_number: Mapped[int | None] = mapped_column(
+        Integer, nullable=True, comment="(0020,0011) SeriesNumber IS, R"
+    )
+    series_description: Mapped[str] = mapped_column(
+        String(64), default="", comment="(0008,103E) SeriesDescription LO, O"
+    )
+    body_part_examined: Mapped[str] = mapped_column(
+        String(16), default="", comment="(0018,0015) BodyPartExamined CS, O"
+    )
+    number_of_series_related_instances: Mapped[int] = mapped_column(
+        Integer, default=0, comment="(0020,1209) NumberOfSeriesRelatedInstances IS, D"
+    )
+    last_received_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, comment="when the latest instance of the series arrived"
+    )
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """Composite object instance level (PS3.4 C.6.2.1.4) and where its file lies."""
+
+    __tablename__ = "instance"
+    __table_args__ = (Index("ix_instance_series_pk", "series_pk"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(
+        String(64), unique=True, comment="(0008,0018) SOPInstanceUID UI, U"
+    )
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    sop_class_uid: Mapped[str] = mapped_column(
+        String(64), comment="(0008,0016) SOPClassUID UI, R"
+    )
+    instance_number: Mapped[int | None] = mapped_column(
+        Integer, nullable=True, comment="(0020,0013) InstanceNumber IS, R"
+    )
+    transfer_syntax_uid: Mapped[str] = mapped_column(
+        String(64), comment="(0002,0010) TransferSyntaxUID UI, as received and stored"
+    )
+    path: Mapped[str] = mapped_column(
+        String(255), comment="file path relative to the store root"
+    )
+    size: Mapped[int] = mapped_column(BigInteger, comment="file size in bytes")
+    sha256: Mapped[str] = mapped_column(String(64), comment="SHA-256 of the stored file")
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    calling_ae_title: Mapped[str] = mapped_column(
+        String(16), default="", comment="AE title of the sender (STOW-RS: 'STOW-RS')"
+    )
+    source_address: Mapped[str] = mapped_column(
+        String(64), default="", comment="network address of the sender"
+    )
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class StoreConflict(Base):
+    """A second copy of a stored SOP Instance arrived with different bytes.
+
+    Kept for audit: which copy was kept, who sent the other and its checksum.
+    """
+
+    __tablename__ = "store_conflict"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    stored_sha256: Mapped[str] = mapped_column(String(64))
+    received_sha256: Mapped[str] = mapped_column(String(64))
+    received_size: Mapped[int] = mapped_column(BigInteger)
+    action: Mapped[str] = mapped_column(String(16), comment="kept_first or overwritten")
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    source_address: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
