@@ -182,18 +182,14 @@ class Instance(Base):
         String(64), unique=True, comment="(0008,0018) SOPInstanceUID UI, U"
     )
     series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"))
-    sop_class_uid: Mapped[str] = mapped_column(
-        String(64), comment="(0008,0016) SOPClassUID UI, R"
-    )
+    sop_class_uid: Mapped[str] = mapped_column(String(64), comment="(0008,0016) SOPClassUID UI, R")
     instance_number: Mapped[int | None] = mapped_column(
         Integer, nullable=True, comment="(0020,0013) InstanceNumber IS, R"
     )
     transfer_syntax_uid: Mapped[str] = mapped_column(
         String(64), comment="(0002,0010) TransferSyntaxUID UI, as received and stored"
     )
-    path: Mapped[str] = mapped_column(
-        String(255), comment="file path relative to the store root"
-    )
+    path: Mapped[str] = mapped_column(String(255), comment="file path relative to the store root")
     size: Mapped[int] = mapped_column(BigInteger, comment="file size in bytes")
     sha256: Mapped[str] = mapped_column(String(64), comment="SHA-256 of the stored file")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -66,7 +66,9 @@ class FindingDefinition:
         if not self.key:
             raise ValueError("FindingDefinition.key must not be empty")
         if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"FindingDefinition.threshold must lie in [0, 1], got {self.threshold}")
+            raise ValueError(
+                f"FindingDefinition.threshold must lie in [0, 1], got {self.threshold}"
+            )
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,9 @@ class FindingResult:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"FindingResult.probability must lie in [0, 1], got {self.probability}")
+            raise ValueError(
+                f"FindingResult.probability must lie in [0, 1], got {self.probability}"
+            )
         if self.volume_ml is not None and self.volume_ml < 0:
             raise ValueError("FindingResult.volume_ml must not be negative")
 
