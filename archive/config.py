@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
@@ -32,7 +32,7 @@ def _default_data_dir() -> Path:
     return Path(base) / "pacs-triage"
 
 
-class DuplicatePolicyValues(str, Enum):
+class DuplicatePolicyValues(StrEnum):
     """What C-STORE does with a second copy of a SOP Instance whose bytes differ."""
 
     KEEP_FIRST = "keep_first"

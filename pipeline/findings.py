@@ -9,12 +9,12 @@ here runs a model, reads a file or knows about the archive.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from pydicom.sr.coding import Code
 
 
-class SeverityValues(str, Enum):
+class SeverityValues(StrEnum):
     """How urgent a finding is when present (drives the priority class)."""
 
     CRITICAL = "critical"
