@@ -17,7 +17,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,12 @@ class Database:
         """A session for one write transaction: committed on success, rolled back on error."""
         with self._writer() as session, session.begin():
             yield session
+
+    @contextmanager
+    def write_connection(self) -> Iterator[Connection]:
+        """A Core connection in one write transaction (the ingest hot path: no ORM)."""
+        with self.write_engine.begin() as conn:
+            yield conn
 
     @contextmanager
     def reader(self) -> Iterator[Session]:

@@ -1,0 +1,72 @@
+"""The ``pacs-triage`` command.
+
+``pacs-triage serve`` starts a node with the settings from the environment
+(``PACS_TRIAGE_*``) and the optional TOML file; ``pacs-triage config`` prints
+the effective settings. Other subcommands are added by the packages that own
+them (models, cohorts, demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from archive.config import Settings
+from archive.logs import configure_logging
+
+logger = logging.getLogger("pacs_triage")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from archive.node import Node
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    node = Node(settings)
+    node.start()
+    print(
+        f"pacs-triage node {settings.ae_title} receiving DICOM on "
+        f"{settings.dicom_host}:{node.dicom.port}; data in {settings.data_dir}",
+        flush=True,
+    )
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        node.stop()
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    settings = Settings()
+    print(settings.model_dump_json(indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``pacs-triage`` command, with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="pacs-triage", description="AI triage archive for radiology."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run a node (DICOM and HTTP services)")
+    serve.set_defaults(func=_serve)
+    config = commands.add_parser("config", help="print the effective settings as JSON")
+    config.set_defaults(func=_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pacs-triage`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        # Block the signals before any thread starts so sigwait receives them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

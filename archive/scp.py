@@ -1,0 +1,220 @@
+"""The DIMSE service: Application Entity, presentation contexts, handler bindings, transport.
+
+Builds the pynetdicom Application Entity of the node and binds every event
+handler in one list. Adds what a stock pynetdicom acceptor lacks on a busy
+network: the caller allow-list check at association time (A-ASSOCIATE-RJ,
+PS3.8 9.3.4), TCP_NODELAY and TCP_QUICKACK so that stock senders (which leave
+Nagle on) are not held up by delayed ACKs, and larger reads per PDU. It also
+provides a server that serves connections accepted elsewhere (handed over by
+the node's acceptor process), so several worker processes can share one port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import (
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
+
+from archive import handlers
+from archive.config import Settings
+from archive.ingest import Ingest
+
+logger = logging.getLogger(__name__)
+
+# Accept every storage SOP class, private and unknown ones too, in the
+# transfer syntax the sender proposes first (we store bytes, never transcode).
+_config.UNRESTRICTED_STORAGE_SERVICE = True
+# pynetdicom's standard handlers log every PDU and DIMSE message; at our rates
+# that costs more than the store itself.
+_config.LOG_HANDLER_LEVEL = "none"
+
+# PS3.8 9.3.4: result 1 rejected-permanent, source 1 service-user,
+# reason 3 calling-AE-title-not-recognized.
+REJECT_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+REASON_CALLING_AE_NOT_RECOGNIZED = 0x03
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+CallerPolicy = Callable[[str, str], bool]
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Set the TCP options a DICOM receiver needs (see module docstring)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if _QUICKACK is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+    except OSError:
+        pass
+
+
+class TunedAssociationSocket(AssociationSocket):
+    """An AssociationSocket that reads a PDU in few system calls and ACKs at once."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        assert sock is not None
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        nr_read = 0
+        while nr_read < nr_bytes:
+            count = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not count:
+                del buffer[nr_read:]
+                break
+            nr_read += count
+            if _QUICKACK is not None:
+                # The kernel drops back to delayed ACKs after a while; re-arm.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        return buffer
+
+
+class AllowListACSE(ACSE):
+    """ACSE that admits only callers the node's policy allows (PS3.8 9.3.4)."""
+
+    def _negotiate_as_acceptor(self) -> None:
+        policy: CallerPolicy | None = getattr(self.assoc.ae, "caller_policy", None)
+        calling_ae_title = self.requestor.primitive.calling_ae_title
+        address = self.assoc.requestor.address
+        if policy is not None and not policy(calling_ae_title, address):
+            self.requestor.ae_title = calling_ae_title
+            logger.warning(
+                "association rejected: calling AE %r from %s is not allowed",
+                calling_ae_title,
+                address,
+            )
+            self.send_reject(
+                REJECT_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE_NOT_RECOGNIZED
+            )
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()
+
+
+class TunedRequestHandler(RequestHandler):
+    """Creates acceptor associations with the tuned socket and the allow-list ACSE."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        # Same objects, subclass behaviour: pynetdicom builds these inside
+        # Association and offers no factory hook.
+        assoc.dul.socket.__class__ = TunedAssociationSocket
+        assoc.acse.__class__ = AllowListACSE
+        return assoc
+
+
+class HandoffServer(ThreadedAssociationServer):
+    """Serves connections accepted by another process; binds no socket of its own.
+
+    Call :meth:`serve_connection` with each accepted socket.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+    def server_bind(self) -> None:  # the acceptor process owns the listening socket
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def serve_connection(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        """Run an association on an accepted socket in a new thread."""
+        self.process_request(sock, address)
+
+
+class ListeningServer(ThreadedAssociationServer):
+    """A server that binds and accepts itself (used by single-process nodes and tests)."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        tune_socket(sock)
+        return sock, address
+
+
+ClosedCallback = Callable[[dict[str, Any]], None]
+
+
+def event_handlers(
+    ingest: Ingest, on_closed: ClosedCallback | None = None
+) -> list[tuple[Any, Callable[..., Any]]]:
+    """Every DIMSE event handler of the node, bound to its dependencies."""
+    bindings: list[tuple[Any, Callable[..., Any]]] = [
+        (evt.EVT_C_ECHO, handlers.handle_echo),
+        (evt.EVT_C_STORE, partial(handlers.handle_store, ingest=ingest)),
+    ]
+    if on_closed is not None:
+        bindings.append(
+            (evt.EVT_CONN_CLOSE, partial(handlers.handle_connection_closed, on_closed=on_closed))
+        )
+    return bindings
+
+
+def build_ae(settings: Settings) -> AE:
+    """The node's Application Entity with its timeouts, PDU size and contexts."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = settings.maximum_pdu_size
+    ae.maximum_associations = settings.maximum_associations
+    ae.network_timeout = settings.network_timeout
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.require_called_aet = False
+    ae.caller_policy = settings.caller_allowed  # read by AllowListACSE
+    ae.add_supported_context(Verification)
+    return ae
+
+
+def make_handoff_server(
+    ae: AE, settings: Settings, ingest: Ingest, on_closed: ClosedCallback | None = None
+) -> HandoffServer:
+    """A server for a worker process that receives accepted sockets from the acceptor."""
+    server = HandoffServer(
+        ae,
+        (settings.dicom_host, settings.dicom_port),
+        ae.ae_title,
+        ae.supported_contexts,
+        evt_handlers=event_handlers(ingest, on_closed),
+        request_handler=TunedRequestHandler,
+    )
+    server.socket.close()  # created by TCPServer, never bound
+    ae._servers.append(server)  # so AE.active_associations (and its limit) count them
+    return server
+
+
+def start_listening_server(
+    settings: Settings, ingest: Ingest, on_closed: ClosedCallback | None = None
+) -> ListeningServer:
+    """Start a single-process DIMSE server on (dicom_host, dicom_port) in background threads."""
+    ae = build_ae(settings)
+    server = ListeningServer(
+        ae,
+        (settings.dicom_host, settings.dicom_port),
+        ae.ae_title,
+        ae.supported_contexts,
+        evt_handlers=event_handlers(ingest, on_closed),
+        request_handler=TunedRequestHandler,
+    )
+    ae._servers.append(server)
+    thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
+    thread.start()
+    return server
