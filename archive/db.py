@@ -2,14 +2,17 @@
 
 One :class:`Database` per process. SQLite (the embedded default) runs in WAL
 mode with ``synchronous=FULL`` so that a committed row survives a crash, and
-write transactions start with ``BEGIN IMMEDIATE`` so that several node
-processes writing at once wait for each other instead of failing. PostgreSQL
+write transactions start with ``BEGIN IMMEDIATE`` behind an flock, so that
+several node processes writing at once queue without failing or sleeping. PostgreSQL
 is used as is, by URL.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +27,39 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+class _WriterLock:
+    """Serialises SQLite writers across the node's processes and threads.
+
+    SQLite's own busy handler waits by sleeping 1, 2, 5, 10... ms between
+    retries, so writers from several processes queue behind sleeps even when
+    the lock is free again after 2 ms. An flock wakes the next writer at once.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = -1
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        try:
+            if self._fd is None or self._pid != os.getpid():
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+                self._pid = os.getpid()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            assert self._fd is not None
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
 
 
 def _is_sqlite(url: str) -> bool:
@@ -71,9 +107,12 @@ class Database:
     def __init__(self, url: str, *, durable: bool = True) -> None:
         self.url = url
         self.is_sqlite = _is_sqlite(url)
+        self._write_lock: _WriterLock | None = None
         if self.is_sqlite:
             if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+                path = Path(url.removeprefix("sqlite:///"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._write_lock = _WriterLock(path.with_name(path.name + ".writelock"))
             synchronous = "FULL" if durable else "NORMAL"
             self.write_engine = _sqlite_engine(url, immediate=True, synchronous=synchronous)
             self.read_engine = _sqlite_engine(url, immediate=False, synchronous=synchronous)
@@ -91,14 +130,22 @@ class Database:
     @contextmanager
     def writer(self) -> Iterator[Session]:
         """A session for one write transaction: committed on success, rolled back on error."""
-        with self._writer() as session, session.begin():
+        with self._serialized(), self._writer() as session, session.begin():
             yield session
 
     @contextmanager
     def write_connection(self) -> Iterator[Connection]:
         """A Core connection in one write transaction (the ingest hot path: no ORM)."""
-        with self.write_engine.begin() as conn:
+        with self._serialized(), self.write_engine.begin() as conn:
             yield conn
+
+    @contextmanager
+    def _serialized(self) -> Iterator[None]:
+        if self._write_lock is None:
+            yield
+        else:
+            with self._write_lock:
+                yield
 
     @contextmanager
     def reader(self) -> Iterator[Session]:

@@ -209,7 +209,8 @@ def decode_part10(data: bytes) -> Dataset:
     except Exception as exc:  # pydicom raises many types; none may escape as a crash
         raise IngestError(status.CANNOT_UNDERSTAND, "data set could not be decoded") from exc
     if len(ds) == 0:
-        raise IngestError(status.CANNOT_UNDERSTAND, "data set is empty")
+        # pydicom returns nothing at all when a stream ends inside an undefined-length value.
+        raise IngestError(status.CANNOT_UNDERSTAND, "data set empty or truncated")
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
     if transfer_syntax != DeflatedExplicitVRLittleEndian:  # offsets refer to inflated bytes
         _check_complete(ds, data)
