@@ -50,7 +50,7 @@ PS3.16 TID 1500, https://dicom.nema.org/medical/dicom/current/output/chtml/part1
 
 from __future__ import annotations
 
-from pydicom import Dataset
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.coding import Code
 
 PRIVATE_SCHEME_DESIGNATOR = "99PACSTRIAGE"
@@ -105,16 +105,16 @@ def priority_class_code(priority_class: str) -> Code:
         ) from None
 
 
-def coding_scheme_identification() -> Dataset:
+def coding_scheme_identification() -> CodingSchemeIdentificationItem:
     """Return the Coding Scheme Identification Sequence item for ``99PACSTRIAGE``.
 
     References
     ----------
     PS3.3 C.12.1.1.4, https://dicom.nema.org/medical/dicom/current/output/chtml/part03/sect_C.12.html
     """
-    item = Dataset()
-    item.CodingSchemeDesignator = PRIVATE_SCHEME_DESIGNATOR
-    item.CodingSchemeName = PRIVATE_SCHEME_NAME
-    item.CodingSchemeVersion = PRIVATE_SCHEME_VERSION
-    item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_RESPONSIBLE_ORGANIZATION
-    return item
+    return CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME_DESIGNATOR,
+        name=PRIVATE_SCHEME_NAME,
+        version=PRIVATE_SCHEME_VERSION,
+        responsible_organization=PRIVATE_SCHEME_RESPONSIBLE_ORGANIZATION,
+    )
