@@ -134,6 +134,22 @@ class TestVolumeFromSyntheticSeries:
         assert volume.pixels[1, 0, 0] == 2 * 1002 - 10
         assert volume.pixels[2, 0, 0] == 1003 - 1024
 
+    def test_modality_lut_sequence_is_applied(self, synthetic_series):
+        datasets = synthetic_series(n=1, pixels=np.array([[0, 1], [2, 3]], np.uint16))
+        del datasets[0].RescaleSlope, datasets[0].RescaleIntercept
+        lut = pydicom.Dataset()
+        lut.LUTDescriptor = [4, 0, 16]
+        lut.ModalityLUTType = "HU"
+        lut.LUTData = [10, 20, 30, 40]
+        datasets[0].ModalityLUTSequence = [lut]
+        assert volume_from_datasets(datasets).pixels[0].tolist() == [[10, 20], [30, 40]]
+
+    def test_dataset_without_file_meta_decodes_by_its_encoding(self, ct_series):
+        received = copy.deepcopy(ct_series[0])  # as a network peer would hand it over
+        del received.file_meta
+        volume = volume_from_datasets([received])
+        assert np.array_equal(volume.pixels, volume_from_datasets([ct_series[0]]).pixels)
+
     def test_missing_rescale_means_identity(self, synthetic_series):
         volume = volume_from_datasets(synthetic_series(n=2, rescale=None))
         assert volume.pixels[:, 0, 0].tolist() == [1001.0, 1002.0]
