@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.uids import InvalidUIDError, is_valid_uid, validate_uid
+from pipeline.uids import InvalidUIDError, deterministic_uid, is_valid_uid, validate_uid
 
 
 class TestValidateUID:
@@ -30,3 +30,27 @@ class TestValidateUID:
 
     def test_leading_zero_component_is_tolerated(self) -> None:
         assert is_valid_uid("1.2.03.4")
+
+
+class TestDeterministicUID:
+    def test_same_parts_give_same_uid(self) -> None:
+        assert deterministic_uid("1.2.3", "model", "1.0", 1) == deterministic_uid(
+            "1.2.3", "model", "1.0", 1
+        )
+
+    def test_other_parts_give_other_uid(self) -> None:
+        assert deterministic_uid("1.2.3", "model", "1.0", 1) != deterministic_uid(
+            "1.2.3", "model", "1.0", 2
+        )
+
+    def test_part_boundaries_matter(self) -> None:
+        assert deterministic_uid("1.2", "3") != deterministic_uid("1.23")
+
+    def test_result_is_valid_uid(self) -> None:
+        uid = deterministic_uid("1.2.3", "x")
+        assert validate_uid(uid) == uid
+        assert len(uid) <= 64
+
+    def test_no_parts_raises(self) -> None:
+        with pytest.raises(ValueError, match="at least one part"):
+            deterministic_uid()
