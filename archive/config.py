@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from enum import StrEnum
 from pathlib import Path
 
@@ -118,6 +119,18 @@ class Settings(BaseSettings):
 
     fsync: bool = True
     """fsync files and directories before acknowledging; only turn off for throwaway nodes."""
+
+    stable_after_seconds: float = Field(default=5.0, gt=0)
+    """A study with no new instance for this long is complete and goes to triage."""
+
+    stable_after_release_seconds: float = Field(default=1.0, gt=0)
+    """The quiet period once every association that sent the study has been released."""
+
+    node_name: str = Field(default_factory=lambda: socket.gethostname() or "pacs-triage")
+    """Names this node's claims on triage jobs (distinct per node sharing one database)."""
+
+    triage_lease_seconds: float = Field(default=900.0, gt=0)
+    """How long a claimed triage job stays with its node before another may take it."""
 
     move_destinations: list[RemoteAE] = Field(default_factory=list)
     """Known C-MOVE destinations, by AE title."""

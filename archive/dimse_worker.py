@@ -83,7 +83,7 @@ def main() -> None:
         db, FileStore(settings.data_dir, fsync=settings.fsync), settings.duplicate_policy
     )
     ae = build_ae(settings)
-    server = make_handoff_server(ae, settings, ingest, on_closed=channel.report)
+    server = make_handoff_server(ae, settings, ingest, on_report=channel.report)
     logger.info("DIMSE worker %s ready", os.environ.get(WORKER_INDEX_ENV, "?"))
     while True:
         try:

@@ -9,6 +9,7 @@ waits on a flow. Nothing here logs patient data.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,9 @@ from archive import status
 from archive.ingest import Ingest
 
 logger = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, Any]], None]
+"""Where a handler tells the node about associations (see archive.stability)."""
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -35,7 +39,7 @@ def handle_echo(event: Event) -> int:
     return status.SUCCESS
 
 
-def handle_store(event: Event, ingest: Ingest) -> Dataset:
+def handle_store(event: Event, ingest: Ingest, on_report: Report | None = None) -> Dataset:
     """C-STORE: store the data set exactly as received and answer only once it is durable.
 
     References
@@ -56,8 +60,23 @@ def handle_store(event: Event, ingest: Ingest) -> Dataset:
         affected_sop_instance_uid=event.request.AffectedSOPInstanceUID,
     )
     if result.ok:
-        delivered_studies(event.assoc).add(result.study_instance_uid)
+        studies = delivered_studies(event.assoc)
+        if result.study_instance_uid not in studies:
+            studies.add(result.study_instance_uid)
+            if on_report is not None:
+                on_report(
+                    {
+                        "type": "delivering",
+                        "association": association_id(event.assoc),
+                        "study": result.study_instance_uid,
+                    }
+                )
     return _status(result.status, result.error_comment)
+
+
+def association_id(assoc: Association) -> str:
+    """An identifier of the association unique across the node's worker processes."""
+    return f"{os.getpid()}:{id(assoc)}"
 
 
 def delivered_studies(assoc: Association) -> set[str]:
@@ -69,7 +88,7 @@ def delivered_studies(assoc: Association) -> set[str]:
     return studies
 
 
-def handle_connection_closed(event: Event, on_closed: Callable[[dict[str, Any]], None]) -> None:
+def handle_connection_closed(event: Event, on_report: Report) -> None:
     """Report a finished association and the studies it delivered.
 
     The node's study stability tracker uses this to shorten the quiet period
@@ -77,9 +96,10 @@ def handle_connection_closed(event: Event, on_closed: Callable[[dict[str, Any]],
     sign we get that a study is complete).
     """
     assoc = event.assoc
-    on_closed(
+    on_report(
         {
             "type": "closed",
+            "association": association_id(assoc),
             "calling_ae_title": assoc.requestor.ae_title,
             "released": bool(assoc.is_released),
             "studies": sorted(delivered_studies(assoc)),

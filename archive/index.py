@@ -92,6 +92,7 @@ class Study(Base):
         Index("ix_study_accession_number", "accession_number"),
         Index("ix_study_study_date", "study_date"),
         Index("ix_study_patient_pk", "patient_pk"),
+        Index("ix_study_last_received_at", "last_received_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -220,3 +221,69 @@ class StoreConflict(Base):
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
     source_address: Mapped[str] = mapped_column(String(64), default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class StudyTriage(Base):
+    """The triage state of a study: one row per study that has become stable at least once.
+
+    Whether a study is still receiving images is derived, not stored: a study
+    without a row, or whose ``last_received_at`` is later than ``ready_at``, is
+    waiting for images. ``generation`` counts how often the study became ready;
+    a result only updates this row if it belongs to the current generation, so
+    a re-analysis supersedes older results and never the reverse.
+    """
+
+    __tablename__ = "study_triage"
+    __table_args__ = (Index("ix_study_triage_state", "state"),)
+
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(
+        String(32),
+        comment="queued, analysing, triaged, no_applicable_model or failed (TriageStateValues)",
+    )
+    ready_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), comment="when the current generation became ready (stable)"
+    )
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    failure_reason: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    priority_class: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    priority_score: Mapped[float | None] = mapped_column(nullable=True)
+    priority_reason: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    study: Mapped[Study] = relationship()
+
+
+class TriageJob(Base):
+    """The outbox of "study ready" events: one row per (study, generation).
+
+    Written in the same transaction that marks the study ready, so a crash can
+    neither lose a trigger nor create a second one (the unique key). A
+    dispatcher claims a job with a lease; a job whose lease ran out (its node
+    died) is claimed again.
+    """
+
+    __tablename__ = "triage_job"
+    __table_args__ = (
+        UniqueConstraint("study_pk", "generation", name="uq_triage_job_study_generation"),
+        Index("ix_triage_job_status", "status", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"))
+    generation: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(
+        String(16), comment="pending, running, done or failed (JobStatusValues)"
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    error: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+
+    study: Mapped[Study] = relationship()

@@ -368,6 +368,11 @@ class _Statements:
                 last_received_at=bindparam("now"),
             )
         )
+        self.count_study_instance_internal = (
+            update(study)
+            .where(study.c.id == bindparam("pk"))
+            .values(number_of_study_related_instances=study.c.number_of_study_related_instances + 1)
+        )
         self.count_study_series = (
             update(study)
             .where(study.c.id == bindparam("pk"))
@@ -428,6 +433,7 @@ class Ingest:
         source_address: str = "",
         affected_sop_class_uid: str | None = None,
         affected_sop_instance_uid: str | None = None,
+        internal: bool = False,
     ) -> StoreResult:
         """Store one instance given as PS3.10 bytes; never raises for bad input.
 
@@ -439,6 +445,10 @@ class Ingest:
             Who sent it (recorded in the index; never logged with patient data).
         affected_sop_class_uid, affected_sop_instance_uid : str, optional
             The C-STORE command's Affected SOP Class/Instance UID; the data set must agree.
+        internal : bool
+            The archive's own output (an AI result written into the study): stored
+            like any instance, but it does not count as an arrival, so it does not
+            make the study look incomplete again and trigger a re-analysis.
 
         Returns
         -------
@@ -465,7 +475,9 @@ class Ingest:
             return StoreResult(StoreOutcomeValues.REJECTED, exc.status, exc.comment)
 
         try:
-            return self._store_valid(data, attrs, calling_ae_title[:16], source_address[:64])
+            return self._store_valid(
+                data, attrs, calling_ae_title[:16], source_address[:64], internal
+            )
         except OSError as exc:
             logger.error(
                 "could not write SOP Instance %s: %s", attrs.sop_instance_uid, type(exc).__name__
@@ -515,7 +527,12 @@ class Ingest:
         )
 
     def _store_valid(
-        self, data: bytes, attrs: InstanceAttributes, calling_ae_title: str, source_address: str
+        self,
+        data: bytes,
+        attrs: InstanceAttributes,
+        calling_ae_title: str,
+        source_address: str,
+        internal: bool,
     ) -> StoreResult:
         relative_path = FileStore.relative_path(
             attrs.study_instance_uid, attrs.series_instance_uid, attrs.sop_instance_uid
@@ -526,7 +543,7 @@ class Ingest:
             for attempt in range(2):
                 try:
                     with self.db.write_connection() as conn:
-                        return self._index(conn, attrs, staged, relative_path, sender)
+                        return self._index(conn, attrs, staged, relative_path, sender, internal)
                 except IntegrityError:
                     # A cached primary key went stale (row removed by another process).
                     self._cache.clear()
@@ -545,6 +562,7 @@ class Ingest:
         staged: StagedFile,
         relative_path: str,
         sender: dict[str, str],
+        internal: bool = False,
     ) -> StoreResult:
         sql = self._sql
         now = utcnow()
@@ -568,7 +586,10 @@ class Ingest:
             return self._duplicate(conn, attrs, staged, sender, now)
 
         conn.execute(sql.count_series_instance, {"pk": series_pk, "now": now})
-        conn.execute(sql.count_study_instance, {"pk": study_pk, "now": now})
+        if internal:
+            conn.execute(sql.count_study_instance_internal, {"pk": study_pk})
+        else:
+            conn.execute(sql.count_study_instance, {"pk": study_pk, "now": now})
         if new_series:
             modalities = sorted(
                 {m for m in conn.execute(sql.series_modalities, {"pk": study_pk}).scalars() if m}

@@ -4,9 +4,9 @@ Accepts TCP connections on the DICOM port and hands each to the least busy
 DIMSE worker process (:mod:`archive.dimse_worker`) over a Unix socket, so that
 several interpreters share one port and every core is used. Brings the index
 schema up to date and clears crash leftovers before it accepts anything.
-Workers report each closed association back (with the studies it delivered);
-the node passes those reports to whoever subscribed (the study stability
-tracker).
+Workers report which studies each association delivers and when it ends; the
+node feeds those reports to the study stability monitor, which marks complete
+studies ready for triage.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from archive.config import Settings
 from archive.db import Database
 from archive.dimse_worker import CHANNEL_FD_ENV, SETTINGS_ENV, WORKER_INDEX_ENV
 from archive.scp import tune_socket
+from archive.stability import DeliveryTracker, StabilityMonitor
 from archive.store import FileStore
+from archive.triage import release_jobs_of
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +54,14 @@ class DicomService:
     settings : Settings
         Node settings; ``dicom_host``/``dicom_port`` (0 picks a free port) and
         ``dicom_workers``.
-    on_association_closed : callable, optional
-        Called (in a node thread) with each worker report of a closed association.
+    on_report : callable, optional
+        Called (in a node thread) with each worker report about an association
+        (see :class:`archive.stability.DeliveryTracker`).
     """
 
-    def __init__(
-        self, settings: Settings, on_association_closed: AssociationReport | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, on_report: AssociationReport | None = None) -> None:
         self.settings = settings
-        self.on_association_closed = on_association_closed
+        self.on_report = on_report
         self._listener: socket.socket | None = None
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
@@ -123,11 +124,11 @@ class DicomService:
                 if report.get("type") == "closed":
                     with self._lock:
                         worker.active = max(0, worker.active - 1)
-                    if self.on_association_closed is not None:
-                        try:
-                            self.on_association_closed(report)
-                        except Exception:
-                            logger.exception("association report handler failed")
+                if self.on_report is not None:
+                    try:
+                        self.on_report(report)
+                    except Exception:
+                        logger.exception("association report handler failed")
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -209,25 +210,31 @@ class Node:
         self.settings = settings
         self.db = Database(settings.resolved_database_url, durable=settings.fsync)
         self.file_store = FileStore(settings.data_dir, fsync=settings.fsync)
-        self.dicom = DicomService(settings, on_association_closed=self._association_closed)
-        self._closed_listeners: list[AssociationReport] = []
+        self.deliveries = DeliveryTracker()
+        self.dicom = DicomService(settings, on_report=self._association_report)
+        self.stability = StabilityMonitor(
+            self.db,
+            self.deliveries,
+            quiet_seconds=settings.stable_after_seconds,
+            release_quiet_seconds=settings.stable_after_release_seconds,
+        )
 
-    def subscribe_association_closed(self, listener: AssociationReport) -> None:
-        """Call `listener` with every closed-association report from the DIMSE workers."""
-        self._closed_listeners.append(listener)
-
-    def _association_closed(self, report: dict[str, Any]) -> None:
-        for listener in self._closed_listeners:
-            listener(report)
+    def _association_report(self, report: dict[str, Any]) -> None:
+        self.deliveries.report(report)
+        if report.get("type") == "closed":
+            self.stability.wake()
 
     def start(self) -> None:
         """Migrate the index, clear crash leftovers, start every service."""
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db.upgrade()
         self.file_store.sweep_temporary()
+        release_jobs_of(self.db, self.settings.node_name)
         self.dicom.start()
+        self.stability.start()
 
     def stop(self) -> None:
         """Stop every service and release the index."""
+        self.stability.stop()
         self.dicom.stop()
         self.db.dispose()

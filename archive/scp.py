@@ -70,18 +70,19 @@ class TunedAssociationSocket(AssociationSocket):
         sock = self.socket
         assert sock is not None
         buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
         nr_read = 0
-        while nr_read < nr_bytes:
-            count = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-            if not count:
-                del buffer[nr_read:]
-                break
-            nr_read += count
-            if _QUICKACK is not None:
-                # The kernel drops back to delayed ACKs after a while; re-arm.
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        with memoryview(buffer) as view:
+            while nr_read < nr_bytes:
+                count = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+                if not count:
+                    break  # connection closed: return what arrived, as pynetdicom does
+                nr_read += count
+                if _QUICKACK is not None:
+                    # The kernel drops back to delayed ACKs after a while; re-arm.
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        if nr_read < nr_bytes:
+            del buffer[nr_read:]
         return buffer
 
 
@@ -152,20 +153,20 @@ class ListeningServer(ThreadedAssociationServer):
         return sock, address
 
 
-ClosedCallback = Callable[[dict[str, Any]], None]
+ReportCallback = Callable[[dict[str, Any]], None]
 
 
 def event_handlers(
-    ingest: Ingest, on_closed: ClosedCallback | None = None
+    ingest: Ingest, on_report: ReportCallback | None = None
 ) -> list[tuple[Any, Callable[..., Any]]]:
     """Every DIMSE event handler of the node, bound to its dependencies."""
     bindings: list[tuple[Any, Callable[..., Any]]] = [
         (evt.EVT_C_ECHO, handlers.handle_echo),
-        (evt.EVT_C_STORE, partial(handlers.handle_store, ingest=ingest)),
+        (evt.EVT_C_STORE, partial(handlers.handle_store, ingest=ingest, on_report=on_report)),
     ]
-    if on_closed is not None:
+    if on_report is not None:
         bindings.append(
-            (evt.EVT_CONN_CLOSE, partial(handlers.handle_connection_closed, on_closed=on_closed))
+            (evt.EVT_CONN_CLOSE, partial(handlers.handle_connection_closed, on_report=on_report))
         )
     return bindings
 
@@ -185,7 +186,7 @@ def build_ae(settings: Settings) -> AE:
 
 
 def make_handoff_server(
-    ae: AE, settings: Settings, ingest: Ingest, on_closed: ClosedCallback | None = None
+    ae: AE, settings: Settings, ingest: Ingest, on_report: ReportCallback | None = None
 ) -> HandoffServer:
     """A server for a worker process that receives accepted sockets from the acceptor."""
     server = HandoffServer(
@@ -193,7 +194,7 @@ def make_handoff_server(
         (settings.dicom_host, settings.dicom_port),
         ae.ae_title,
         ae.supported_contexts,
-        evt_handlers=event_handlers(ingest, on_closed),
+        evt_handlers=event_handlers(ingest, on_report),
         request_handler=TunedRequestHandler,
     )
     server.socket.close()  # created by TCPServer, never bound
@@ -202,7 +203,7 @@ def make_handoff_server(
 
 
 def start_listening_server(
-    settings: Settings, ingest: Ingest, on_closed: ClosedCallback | None = None
+    settings: Settings, ingest: Ingest, on_report: ReportCallback | None = None
 ) -> ListeningServer:
     """Start a single-process DIMSE server on (dicom_host, dicom_port) in background threads."""
     ae = build_ae(settings)
@@ -211,7 +212,7 @@ def start_listening_server(
         (settings.dicom_host, settings.dicom_port),
         ae.ae_title,
         ae.supported_contexts,
-        evt_handlers=event_handlers(ingest, on_closed),
+        evt_handlers=event_handlers(ingest, on_report),
         request_handler=TunedRequestHandler,
     )
     ae._servers.append(server)

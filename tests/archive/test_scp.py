@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 
 from archive import status
 from archive.db import Database
-from archive.index import Instance, Series, Study
+from archive.index import Instance, Series, Study, StudyTriage, TriageJob
 from tests.dicom_factory import ct_dataset, dataset_bytes, part10_bytes, write
 from tests.peers import STORESCU_PROPOSE, NodeProcess, echoscu, storescu
 
@@ -412,3 +412,32 @@ class TestCrash:
             assert list((tmp_path / "data" / "tmp").iterdir()) == []
         finally:
             node.stop()
+
+
+class TestStudyCompleteness:
+    def test_release_of_the_association_makes_the_study_ready_before_the_quiet_period(
+        self, tmp_path: Path, ct_series_files: list[Path], dcmtk: None
+    ) -> None:
+        env = {
+            "PACS_TRIAGE_STABLE_AFTER_SECONDS": "120",
+            "PACS_TRIAGE_STABLE_AFTER_RELEASE_SECONDS": "0.5",
+        }
+        with NodeProcess(tmp_path / "data", env=env) as node:
+            result = storescu(node.dicom_port, ct_series_files[:5])
+            assert result.returncode == 0, result.stderr
+            released = time.monotonic()
+            db = Database(f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}")
+            try:
+                state = None
+                while time.monotonic() - released < 30 and state is None:
+                    with db.reader() as session:
+                        state = session.scalars(select(StudyTriage.state)).one_or_none()
+                    time.sleep(0.1)
+                waited = time.monotonic() - released
+                with db.reader() as session:
+                    jobs = session.scalars(select(TriageJob.generation)).all()
+            finally:
+                db.dispose()
+        assert state == "queued"
+        assert jobs == [1]
+        assert waited < 10, f"ready after {waited:.1f} s, not shortened by the release"
