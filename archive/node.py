@@ -6,7 +6,8 @@ several interpreters share one port and every core is used. Brings the index
 schema up to date and clears crash leftovers before it accepts anything.
 Workers report which studies each association delivers and when it ends; the
 node feeds those reports to the study stability monitor, which marks complete
-studies ready for triage.
+studies ready for triage; the triage dispatcher (:mod:`archive.dispatch`)
+runs the triage flow on them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 from archive.config import Settings
 from archive.db import Database
 from archive.dimse_worker import CHANNEL_FD_ENV, SETTINGS_ENV, WORKER_INDEX_ENV
+from archive.dispatch import Dispatcher
 from archive.scp import tune_socket
 from archive.stability import DeliveryTracker, StabilityMonitor
 from archive.store import FileStore
@@ -218,6 +220,10 @@ class Node:
             quiet_seconds=settings.stable_after_seconds,
             release_quiet_seconds=settings.stable_after_release_seconds,
         )
+        self.dispatcher: Dispatcher | None = None
+        if settings.triage_enabled:
+            self.dispatcher = Dispatcher.for_settings(settings, self.db)
+            self.stability.on_ready.append(self.dispatcher.wake)
 
     def _association_report(self, report: dict[str, Any]) -> None:
         self.deliveries.report(report)
@@ -230,11 +236,15 @@ class Node:
         self.db.upgrade()
         self.file_store.sweep_temporary()
         release_jobs_of(self.db, self.settings.node_name)
+        if self.dispatcher is not None:
+            self.dispatcher.start()  # first: the Prefect server warms up while we start
         self.dicom.start()
         self.stability.start()
 
     def stop(self) -> None:
         """Stop every service and release the index."""
         self.stability.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
         self.dicom.stop()
         self.db.dispose()

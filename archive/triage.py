@@ -305,3 +305,15 @@ def finish_job(
         "" if updated else " (superseded by a newer generation)",
     )
     return bool(updated)
+
+
+def requeue_job(db: Database, job: ClaimedJob) -> bool:
+    """Give a running job back to the queue (its run failed before recording an outcome)."""
+    table = TriageJob.__table__
+    with db.write_connection() as conn:
+        result = conn.execute(
+            update(table)
+            .where(table.c.id == job.id, table.c.status == JobStatusValues.RUNNING.value)
+            .values(status=JobStatusValues.PENDING.value, lease_expires_at=None)
+        )
+    return bool(result.rowcount)
