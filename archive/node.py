@@ -27,6 +27,8 @@ from typing import Any
 from archive.config import Settings
 from archive.db import Database
 from archive.dimse_worker import CHANNEL_FD_ENV, SETTINGS_ENV, WORKER_INDEX_ENV
+from archive.http import AppContext, HttpService, TokenBook, create_app, ensure_token_file
+from archive.ingest import Ingest
 from archive.scp import tune_socket
 from archive.stability import DeliveryTracker, StabilityMonitor
 from archive.store import FileStore
@@ -94,7 +96,10 @@ class DicomService:
 
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        worker_settings = self.settings.model_copy(update={"dicom_port": self.port})
+        # Workers never serve HTTP: they get no tokens (SecretStr would not round-trip).
+        worker_settings = self.settings.model_copy(
+            update={"dicom_port": self.port, "http_tokens": []}
+        )
         env = {
             **os.environ,
             CHANNEL_FD_ENV: str(theirs.fileno()),
@@ -218,6 +223,8 @@ class Node:
             quiet_seconds=settings.stable_after_seconds,
             release_quiet_seconds=settings.stable_after_release_seconds,
         )
+        self.ingest = Ingest(self.db, self.file_store, settings.duplicate_policy)
+        self.http: HttpService | None = None
 
     def _association_report(self, report: dict[str, Any]) -> None:
         self.deliveries.report(report)
@@ -232,9 +239,21 @@ class Node:
         release_jobs_of(self.db, self.settings.node_name)
         self.dicom.start()
         self.stability.start()
+        ensure_token_file(self.settings)
+        self.app_context = AppContext(
+            settings=self.settings,
+            db=self.db,
+            file_store=self.file_store,
+            ingest=self.ingest,
+            tokens=TokenBook.from_settings(self.settings),
+        )
+        self.http = HttpService(self.settings, create_app(self.app_context))
+        self.http.start()
 
     def stop(self) -> None:
         """Stop every service and release the index."""
+        if self.http is not None:
+            self.http.stop()
         self.stability.stop()
         self.dicom.stop()
         self.db.dispose()
