@@ -29,7 +29,9 @@ def _serve(args: argparse.Namespace) -> int:
     node.start()
     print(
         f"pacs-triage node {settings.ae_title} receiving DICOM on "
-        f"{settings.dicom_host}:{node.dicom.port}; data in {settings.data_dir}",
+        f"{settings.dicom_host}:{node.dicom.port}, HTTP on "
+        f"http://{settings.http_host}:{node.http.port if node.http else '-'}; "
+        f"data in {settings.data_dir}",
         flush=True,
     )
     try:

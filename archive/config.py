@@ -15,7 +15,7 @@ import socket
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -73,6 +73,25 @@ class RemoteAE(BaseModel):
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
     port: int = Field(gt=0, lt=65536)
+
+
+class TokenScopeValues(StrEnum):
+    """What an HTTP bearer token may do."""
+
+    READ = "read"
+    """Query and retrieve (QIDO-RS, WADO-RS, worklist, results)."""
+    WRITE = "write"
+    """Store and change (STOW-RS, worklist actions)."""
+    ADMIN = "admin"
+    """Everything, including configuration and cohort runs."""
+
+
+class HttpToken(BaseModel):
+    """One bearer token accepted by the HTTP API."""
+
+    name: str = Field(min_length=1, max_length=64)
+    token: SecretStr = Field(min_length=16)
+    scopes: list[TokenScopeValues] = Field(default_factory=lambda: [TokenScopeValues.READ])
 
 
 class Settings(BaseSettings):
@@ -151,6 +170,19 @@ class Settings(BaseSettings):
     move_destinations: list[RemoteAE] = Field(default_factory=list)
     """Known C-MOVE destinations, by AE title."""
 
+    http_tokens: list[HttpToken] = Field(default_factory=list)
+    """Bearer tokens for the HTTP API (see also :attr:`http_token_file`)."""
+
+    http_token_file: Path | None = None
+    """File of tokens, one per line: ``<token> <scope>[,<scope>...] [name]``; ``#`` comments.
+    Default ``<data_dir>/http-tokens``, created with one admin token on first start."""
+
+    http_open_on_loopback: bool = False
+    """Serve HTTP callers from 127.0.0.0/8 and ::1 without a token (all scopes)."""
+
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins allowed to call the HTTP API from a browser (CORS), e.g. a web viewer."""
+
     log_level: str = "INFO"
 
     @classmethod
@@ -179,6 +211,11 @@ class Settings(BaseSettings):
     def resolved_prefect_api_url(self) -> str | None:
         """The Prefect API of distributed mode, or None for embedded mode."""
         return self.prefect_api_url or os.environ.get("PREFECT_API_URL") or None
+
+    @property
+    def resolved_http_token_file(self) -> Path:
+        """Where the token file is (default ``<data_dir>/http-tokens``)."""
+        return self.http_token_file or self.data_dir / "http-tokens"
 
     @property
     def resolved_dicom_workers(self) -> int:

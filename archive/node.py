@@ -29,6 +29,8 @@ from archive.config import Settings
 from archive.db import Database
 from archive.dimse_worker import CHANNEL_FD_ENV, SETTINGS_ENV, WORKER_INDEX_ENV
 from archive.dispatch import Dispatcher
+from archive.http import AppContext, HttpService, TokenBook, create_app, ensure_token_file
+from archive.ingest import Ingest
 from archive.scp import tune_socket
 from archive.stability import DeliveryTracker, StabilityMonitor
 from archive.store import FileStore
@@ -96,7 +98,10 @@ class DicomService:
 
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        worker_settings = self.settings.model_copy(update={"dicom_port": self.port})
+        # Workers never serve HTTP: they get no tokens (SecretStr would not round-trip).
+        worker_settings = self.settings.model_copy(
+            update={"dicom_port": self.port, "http_tokens": []}
+        )
         env = {
             **os.environ,
             CHANNEL_FD_ENV: str(theirs.fileno()),
@@ -224,6 +229,8 @@ class Node:
         if settings.triage_enabled:
             self.dispatcher = Dispatcher.for_settings(settings, self.db)
             self.stability.on_ready.append(self.dispatcher.wake)
+        self.ingest = Ingest(self.db, self.file_store, settings.duplicate_policy)
+        self.http: HttpService | None = None
 
     def _association_report(self, report: dict[str, Any]) -> None:
         self.deliveries.report(report)
@@ -240,9 +247,21 @@ class Node:
             self.dispatcher.start()  # first: the Prefect server warms up while we start
         self.dicom.start()
         self.stability.start()
+        ensure_token_file(self.settings)
+        self.app_context = AppContext(
+            settings=self.settings,
+            db=self.db,
+            file_store=self.file_store,
+            ingest=self.ingest,
+            tokens=TokenBook.from_settings(self.settings),
+        )
+        self.http = HttpService(self.settings, create_app(self.app_context))
+        self.http.start()
 
     def stop(self) -> None:
         """Stop every service and release the index."""
+        if self.http is not None:
+            self.http.stop()
         self.stability.stop()
         if self.dispatcher is not None:
             self.dispatcher.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -129,8 +130,13 @@ class NodeProcess:
         self.data_dir = Path(data_dir)
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
+        self.token = secrets.token_urlsafe(24)
+        """An admin bearer token for this node's HTTP API."""
         self.env = {
             **os.environ,
+            "PACS_TRIAGE_HTTP_TOKENS": json.dumps(
+                [{"name": "test", "token": self.token, "scopes": ["admin"]}]
+            ),
             "PACS_TRIAGE_DATA_DIR": str(self.data_dir),
             "PACS_TRIAGE_DICOM_HOST": "127.0.0.1",
             "PACS_TRIAGE_DICOM_PORT": str(self.dicom_port),
@@ -158,7 +164,16 @@ class NodeProcess:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node did not answer C-ECHO; log: {self.log_path}")
             time.sleep(0.1)
+        wait_for_port(self.http_port, timeout, self.process)
         return self
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     def kill(self) -> None:
         """SIGKILL the node and its workers (the whole process group), as a crash would."""
