@@ -33,7 +33,9 @@ from typing import Any
 
 from archive.config import Settings
 from archive.db import Database
+from archive.ingest import Ingest
 from archive.prefect_server import ManagedPrefectServer
+from archive.store import FileStore
 from archive.triage import (
     ClaimedJob,
     TriageOutcome,
@@ -57,9 +59,20 @@ QUEUE_PRIORITIES = {TRIAGE_QUEUE: 1, COHORT_QUEUE: 10}
 class EmbeddedRunner:
     """Runs the flow in this process against the managed Prefect server."""
 
-    def __init__(self, settings: Settings, server: ManagedPrefectServer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        server: ManagedPrefectServer,
+        *,
+        db: Database | None = None,
+        file_store: FileStore | None = None,
+        ingest: Ingest | None = None,
+    ) -> None:
         self.settings = settings
         self.server = server
+        self.db = db
+        self.file_store = file_store
+        self.ingest = ingest
         self._configured = False
         self._lock = threading.Lock()
 
@@ -72,7 +85,11 @@ class EmbeddedRunner:
                 return
             from flows import runtime
 
-            runtime.configure(runtime.TriageRuntime.from_settings(self.settings))
+            runtime.configure(
+                runtime.TriageRuntime.from_settings(
+                    self.settings, db=self.db, file_store=self.file_store, ingest=self.ingest
+                )
+            )
             self._configured = True
 
     def __call__(self, job: ClaimedJob) -> None:
@@ -220,14 +237,28 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def for_settings(cls, settings: Settings, db: Database) -> Dispatcher:
-        """The dispatcher of the mode the settings select (see the module docstring)."""
+    def for_settings(
+        cls,
+        settings: Settings,
+        db: Database,
+        *,
+        file_store: FileStore | None = None,
+        ingest: Ingest | None = None,
+    ) -> Dispatcher:
+        """The dispatcher of the mode the settings select (see the module docstring).
+
+        In embedded mode the flow runs share the node's `db`, `file_store` and `ingest`.
+        """
         api_url = settings.resolved_prefect_api_url
         if api_url:
             logger.info("triage: distributed mode, Prefect API %s", api_url)
             return cls(settings, db, DistributedRunner(settings, api_url), holds_slot=False)
         server = ManagedPrefectServer(settings.data_dir / "prefect")
-        return cls(settings, db, EmbeddedRunner(settings, server))
+        return cls(
+            settings,
+            db,
+            EmbeddedRunner(settings, server, db=db, file_store=file_store, ingest=ingest),
+        )
 
     def start(self) -> None:
         start = getattr(self.runner, "start", None)

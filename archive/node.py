@@ -225,12 +225,14 @@ class Node:
             quiet_seconds=settings.stable_after_seconds,
             release_quiet_seconds=settings.stable_after_release_seconds,
         )
-        self.dispatcher: Dispatcher | None = None
-        if settings.triage_enabled:
-            self.dispatcher = Dispatcher.for_settings(settings, self.db)
-            self.stability.on_ready.append(self.dispatcher.wake)
         self.ingest = Ingest(self.db, self.file_store, settings.duplicate_policy)
         self.http: HttpService | None = None
+        self.dispatcher: Dispatcher | None = None
+        if settings.triage_enabled:
+            self.dispatcher = Dispatcher.for_settings(
+                settings, self.db, file_store=self.file_store, ingest=self.ingest
+            )
+            self.stability.on_ready.append(self.dispatcher.wake)
 
     def _association_report(self, report: dict[str, Any]) -> None:
         self.deliveries.report(report)
