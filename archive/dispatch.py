@@ -25,6 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -340,3 +343,45 @@ class Dispatcher:
                 requeue_job(self.db, job)
         except Exception:
             logger.exception("could not record the failed job %d; its lease will expire", job.id)
+
+
+WORKER_QUERY_SECONDS = "1"
+"""How often an idle worker asks for runs (Prefect's default, 10 s, would add to time to triage)."""
+
+
+def worker_command(
+    settings: Settings, *, limit: int | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The ``prefect worker start`` command line and environment of a triage worker.
+
+    The worker serves the work pool's queues in priority order (``triage``
+    before ``cohort``) and runs each flow in a new process that reads the same
+    ``PACS_TRIAGE_*`` settings as the node, so it must see the same index and
+    file store.
+    """
+    api_url = settings.resolved_prefect_api_url
+    if not api_url:
+        raise ValueError("a worker needs a Prefect server: set PREFECT_API_URL (distributed mode)")
+    prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
+    argv = [
+        prefect,
+        "worker",
+        "start",
+        "--pool",
+        settings.prefect_work_pool,
+        "--type",
+        "process",
+        "--limit",
+        str(limit or settings.triage_concurrency),
+    ]
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", WORKER_QUERY_SECONDS)
+    return argv, env
