@@ -80,7 +80,20 @@ class EmbeddedRunner:
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        """Start the server, and warm up in the background (imports, model discovery)."""
         self.server.start()
+        threading.Thread(target=self._warm_up, name="triage-warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        # The first study should not pay for importing Prefect, torch and MONAI
+        # and for discovering the models: do it while the server starts.
+        try:
+            self._configure()
+            import flows.triage  # noqa: F401
+
+            self.server.wait()
+        except Exception:
+            logger.exception("triage warm-up failed; the first flow run will retry")
 
     def _configure(self) -> None:
         with self._lock:
