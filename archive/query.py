@@ -327,10 +327,10 @@ class Matcher:
             For a value that is malformed for its VR or too long.
         """
         text = raw.strip()
-        if text == "" or (text.strip("*") == "" and key.kind is not MatchKindValues.UID):
-            return None  # PS3.4 C.2.2.2.3 universal matching ('*' alone is universal too)
         if len(text) > key.max_length * (MAX_LIST_VALUES if key.kind is _K.UID else 4):
             raise QueryError(status.UNABLE_TO_PROCESS, f"{key.keyword}: value too long")
+        if text == "" or (text.strip("*") == "" and key.kind is not MatchKindValues.UID):
+            return None  # PS3.4 C.2.2.2.3 universal matching ('*' alone is universal too)
         kind = key.kind
         if kind is _K.DERIVED:
             raise QueryError(
