@@ -144,7 +144,10 @@ class Series(Base):
     """Series level (PS3.4 C.6.2.1.3)."""
 
     __tablename__ = "series"
-    __table_args__ = (Index("ix_series_study_pk", "study_pk"),)
+    __table_args__ = (
+        Index("ix_series_study_pk", "study_pk"),
+        Index("ix_series_modality", "modality"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(
