@@ -29,6 +29,7 @@ from archive.db import Database
 from archive.dimse_worker import CHANNEL_FD_ENV, SETTINGS_ENV, WORKER_INDEX_ENV
 from archive.http import AppContext, HttpService, TokenBook, create_app, ensure_token_file
 from archive.ingest import Ingest
+from archive.outbox import DeliveryService
 from archive.scp import tune_socket
 from archive.stability import DeliveryTracker, StabilityMonitor
 from archive.store import FileStore
@@ -225,6 +226,7 @@ class Node:
         )
         self.ingest = Ingest(self.db, self.file_store, settings.duplicate_policy)
         self.http: HttpService | None = None
+        self.delivery = DeliveryService(self.db, settings, self.file_store)
 
     def _association_report(self, report: dict[str, Any]) -> None:
         self.deliveries.report(report)
@@ -249,10 +251,13 @@ class Node:
         )
         self.http = HttpService(self.settings, create_app(self.app_context))
         self.http.start()
+        self.delivery.start()
 
     def stop(self) -> None:
         """Stop every service and release the index."""
+        self.delivery.stop()
         if self.http is not None:
+            self.app_context.extras["stopping"] = True
             self.http.stop()
         self.stability.stop()
         self.dicom.stop()
