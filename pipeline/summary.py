@@ -103,12 +103,21 @@ def _text_of(item: pydicom.Dataset) -> str | None:
 
 
 def _algorithm(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> tuple[str, str]:
-    # PS3.16 TID 4019 Algorithm Identification: (DCM 111001) name, (DCM 111003) version.
-    name = version = ""
-    for item in group.find(codes.DCM.AlgorithmName):
-        name = _text_of(item) or name
-    for item in group.find(codes.DCM.AlgorithmVersion):
-        version = _text_of(item) or version
+    # PS3.16 TID 4019 Algorithm Identification: (DCM 111001) name, (DCM 111003) version;
+    # highdicom attaches it to the group or to a descendant item, so search the subtree.
+    found: dict[str, str] = {}
+    wanted = {codes.DCM.AlgorithmName.value, codes.DCM.AlgorithmVersion.value}
+    stack = list(group)
+    while stack:
+        item = stack.pop(0)
+        concept = (
+            item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
+        )
+        if concept in wanted and concept not in found and _text_of(item):
+            found[concept] = str(_text_of(item))
+        stack.extend(item.get("ContentSequence", []))
+    name = found.get(codes.DCM.AlgorithmName.value, "")
+    version = found.get(codes.DCM.AlgorithmVersion.value, "")
     if not name:
         name = str(group.tracking_identifier or "").split(" ", 1)[0]
     return name, version
