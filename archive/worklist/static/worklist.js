@@ -80,7 +80,7 @@ function findingCell(item) {
   const cell = text("td");
   cell.append(text("div", item.headline, "finding"));
   const stateClass = item.triage_state === "failed" ? "state failed" : "state";
-  cell.append(text("div", item.triage_label, stateClass));
+  if (!item.headline.startsWith(item.triage_label)) cell.append(text("div", item.triage_label, stateClass));
   return cell;
 }
 
