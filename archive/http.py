@@ -213,6 +213,9 @@ def _include_routers(app: FastAPI) -> None:
     from archive import dicomweb
 
     app.include_router(dicomweb.router())
+    from archive.worklist.api import router as worklist_router
+
+    app.include_router(worklist_router())
 
 
 def _api_router():  # type: ignore[no-untyped-def]
@@ -301,6 +304,7 @@ class HttpService:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            timeout_graceful_shutdown=5,
         )
         server = uvicorn.Server(config)
         # The node owns the signals; uvicorn must not install handlers in a thread.
