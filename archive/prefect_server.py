@@ -118,6 +118,7 @@ class ManagedPrefectServer:
         self.port = port or _free_port(host)
         self.process: subprocess.Popen[bytes] | None = None
         self.ready = threading.Event()
+        self._wait_lock = threading.Lock()
         self.error: str | None = None
         self.log_path = self.home / "server.log"
 
@@ -161,6 +162,10 @@ class ManagedPrefectServer:
 
     def wait(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> bool:
         """Wait until the API answers; False (and :attr:`error` set) if it never does."""
+        with self._wait_lock:  # one poller; the others find it ready
+            return self._wait(timeout)
+
+    def _wait(self, timeout: float) -> bool:
         if self.ready.is_set():
             return True
         started = time.monotonic()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -57,6 +58,24 @@ def node_env(models_dir: Path, **extra: str) -> dict[str, str]:
         **extra,
     }
     return env
+
+
+def seed_prefect_home(node: NodeProcess, server: ManagedPrefectServer) -> None:
+    """Give the node's managed Prefect server an already migrated database.
+
+    A fresh Prefect database runs every migration at server start (about 7 s
+    here); the tests of embedded mode copy the session server's instead. The
+    server is still the node's own child, started by the node.
+    """
+    home = node.data_dir / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    source = sqlite3.connect(server.home / "prefect.db")
+    target = sqlite3.connect(home / "prefect.db")
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
 
 
 def embedded_env() -> dict[str, str]:
@@ -144,12 +163,14 @@ class TestEmbeddedNode:
     def test_head_ct_is_triaged_with_sr_and_abdominal_ct_has_no_applicable_model(
         self,
         dcmtk: None,
+        prefect_server: ManagedPrefectServer,
         tmp_path: Path,
         head_models: Path,
         head_phantom: list[Path],
         ct_series_files: list[Path],
     ) -> None:
         node = NodeProcess(tmp_path / "node", env={**embedded_env(), **node_env(head_models)})
+        seed_prefect_home(node, prefect_server)
         with node:
             send(node, head_phantom)
             send(node, ct_series_files)
@@ -184,11 +205,16 @@ class TestEmbeddedNode:
 
 class TestCrashRecovery:
     def test_node_killed_between_ready_and_triaged_triages_the_study_once(
-        self, dcmtk: None, tmp_path: Path, ct_series_files: list[Path]
+        self,
+        dcmtk: None,
+        prefect_server: ManagedPrefectServer,
+        tmp_path: Path,
+        ct_series_files: list[Path],
     ) -> None:
         models_dir = tmp_path / "models"
         make_bundle(models_dir, name="ct-test", version="1.0.0", probability=0.7)
         node = NodeProcess(tmp_path / "node", env={**embedded_env(), **node_env(models_dir)})
+        seed_prefect_home(node, prefect_server)
         ct_uid = str(pydicom.dcmread(ct_series_files[0]).StudyInstanceUID)
         index = Database(f"sqlite:///{node.data_dir / 'index.sqlite'}")
 
