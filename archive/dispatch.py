@@ -110,7 +110,9 @@ class EmbeddedRunner:
 
     def __call__(self, job: ClaimedJob) -> None:
         if not self.server.wait():
-            raise RuntimeError(self.server.error or "Prefect server unavailable")
+            error = self.server.error or "Prefect server unavailable"
+            self.server.restart_if_dead()  # the job is re-queued and finds it restarted
+            raise RuntimeError(error)
         self._configure()
         from prefect.settings import PREFECT_API_URL, temporary_settings
 

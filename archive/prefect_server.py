@@ -167,7 +167,9 @@ class ManagedPrefectServer:
 
     def _wait(self, timeout: float) -> bool:
         if self.ready.is_set():
-            return True
+            if self.process is not None and self.process.poll() is None:
+                return True
+            self.ready.clear()  # it died after it was ready
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             if self.process is None or self.process.poll() is not None:
@@ -187,6 +189,16 @@ class ManagedPrefectServer:
         self.error = f"Prefect server not ready after {timeout:.0f} s; log: {self.log_path}"
         logger.error("%s", self.error)
         return False
+
+    def restart_if_dead(self) -> bool:
+        """Start the server again if its process has exited; True if it did."""
+        if self.process is not None and self.process.poll() is None:
+            return False
+        logger.warning("Prefect server is not running; starting it again")
+        self.ready.clear()
+        self.error = None
+        self.start()
+        return True
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is None or self.process.poll() is not None:
