@@ -182,6 +182,9 @@ class TestEmbeddedNode:
 
             assert head["state"] == "triaged", head
             assert head["priority_class"] == "STAT"
+            [result] = head["model_results"]
+            assert (result["model_name"], result["mode"]) == ("ich-test", "active")
+            assert result["findings"][0]["probability"] == pytest.approx(0.95, abs=1e-3)
             [sr_path] = sr_files(node, head_uid)
             sr = check_sr_conforms(sr_path, head_uid)
             assert sr.SOPInstanceUID == head["sr_sop_instance_uid"]
@@ -197,7 +200,7 @@ class TestEmbeddedNode:
             assert algorithm.TextValue == "ich-test"
 
             assert ct["state"] == "no_applicable_model", ct
-            assert ct["failure_reason"] is None
+            assert ct["failure_reason"] is None and ct["model_results"] == []
             [ct_sr] = sr_files(node, ct_uid)
             check_sr_conforms(ct_sr, ct_uid)
         assert "PatientName" not in node.log() and "Phantom^Head" not in node.log()
