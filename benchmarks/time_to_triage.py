@@ -121,10 +121,14 @@ def wait_final(db: Database, study_uid: str, timeout: float = 300) -> tuple[floa
     raise TimeoutError(f"study {study_uid} not triaged after {timeout} s")
 
 
-def flow_split(log: str, study_uid: str) -> dict[str, float]:
-    for match in TIMING_LINE.finditer(log):
-        if match.group("uid") == study_uid:
-            return {k: float(match.group(k)) for k in ("plan", "load", "inference", "report")}
+def flow_split(node: NodeProcess, study_uid: str) -> dict[str, float]:
+    """The flow's own timing line (logged just after the state is written)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for match in TIMING_LINE.finditer(node.log()):
+            if match.group("uid") == study_uid:
+                return {k: float(match.group(k)) for k in ("plan", "load", "inference", "report")}
+        time.sleep(0.05)
     raise LookupError(f"no timing line for {study_uid}")
 
 
@@ -200,7 +204,7 @@ def main() -> None:
                 done, info = wait_final(db, study_uid)
                 if info["state"] != "triaged" or not info["sr"]:
                     sys.exit(f"run {i}: {info}")
-                split = flow_split(node.log(), study_uid)
+                split = flow_split(node, study_uid)
                 total = done - sent
                 wait = info["ready"] - sent
                 dispatch = (info["started"] or info["ready"]) - info["ready"]
