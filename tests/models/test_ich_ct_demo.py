@@ -49,7 +49,9 @@ def _descriptor(datasets: list[pydicom.Dataset]) -> SeriesDescriptor:
 
 
 class TestShippedBundle:
-    def test_bundle_is_valid_and_documented(self, shipped: ModelRegistry, ich: InstalledModel) -> None:
+    def test_bundle_is_valid_and_documented(
+        self, shipped: ModelRegistry, ich: InstalledModel
+    ) -> None:
         assert not shipped.problems
         assert ich.mode.value == "active"
         (finding,) = ich.findings
@@ -64,7 +66,12 @@ class TestShippedBundle:
         committed = json.loads((BUNDLE / "docs" / "evaluation.json").read_text())
         assert committed["weights_sha256"] == ich.identity.weights_sha256
         done = subprocess.run(
-            [sys.executable, str(BUNDLE / "scripts" / "evaluate.py"), "--n", str(committed["n_test"])],
+            [
+                sys.executable,
+                str(BUNDLE / "scripts" / "evaluate.py"),
+                "--n",
+                str(committed["n_test"]),
+            ],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -80,7 +87,9 @@ class TestShippedBundle:
 
 
 class TestOnDicomPhantoms:
-    def test_positive_phantom_is_flagged_with_a_mask(self, ich: InstalledModel, tmp_path: Path) -> None:
+    def test_positive_phantom_is_flagged_with_a_mask(
+        self, ich: InstalledModel, tmp_path: Path
+    ) -> None:
         paths = write_head_ct(tmp_path, positive=True, seed=POSITIVE_SEED, patient_id="PH-POS")
         datasets = [pydicom.dcmread(p) for p in paths]
         assert ich in ModelRegistry([ich]).applicable(_descriptor(datasets))
