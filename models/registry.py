@@ -485,7 +485,7 @@ def _load_runtime(model: InstalledModel) -> tuple[Any, Any, Any]:
     try:
         parser = _inference_parser(model.path)
         network = _load_network(model, parser)
-        preprocessing = _build_preprocessing(model, parser)
+        preprocessing = _build_preprocessing(model.path, model.input, parser)
         inferer = _build_inferer(parser)
     except BundleValidationError as exc:
         raise ModelError(str(exc)) from exc
@@ -536,7 +536,29 @@ def _load_network(model: InstalledModel, parser: Any) -> Any:
     return network
 
 
-def _build_preprocessing(model: InstalledModel, parser: Any) -> Any:
+def bundle_preprocessing(path: Path) -> Any:
+    """The preprocessing of the bundle at `path`, without loading its network.
+
+    Returns a callable that takes a (slices, rows, columns) array in modality
+    units (a :attr:`Volume.pixels <pipeline.volume.Volume.pixels>`) and returns
+    the (channels, *spatial) array the network is fed; training scripts use it
+    so that the network learns on exactly what inference gives it.
+    """
+    path = Path(path)
+    metadata = _read_json(path, METADATA_FILE)
+    _, _, spec, _ = _parse_triage(path, _read_json(path, TRIAGE_FILE), metadata)
+    preprocessing = _build_preprocessing(path, spec, _inference_parser(path))
+
+    def apply(pixels: np.ndarray) -> Any:
+        pixels = np.asarray(pixels, dtype=np.float32)
+        if spec.axes == "xyz":
+            pixels = np.ascontiguousarray(pixels.transpose(2, 1, 0))
+        return preprocessing(pixels)
+
+    return apply
+
+
+def _build_preprocessing(path: Path, spec: InputSpec, parser: Any) -> Any:
     """A callable numpy array (spatial) -> (channels, *spatial) array or tensor."""
     from monai.transforms import Compose, EnsureChannelFirst, Resize, ScaleIntensityRange
 
@@ -546,7 +568,7 @@ def _build_preprocessing(model: InstalledModel, parser: Any) -> Any:
         transforms = raw.get("transforms") if isinstance(raw, dict) else None
         if not isinstance(transforms, list):
             raise BundleValidationError(
-                f"{model.path}: {INFERENCE_FILE} 'preprocessing' must be a Compose "
+                f"{path}: {INFERENCE_FILE} 'preprocessing' must be a Compose "
                 "with a 'transforms' list"
             )
         kept = []
@@ -575,11 +597,11 @@ def _build_preprocessing(model: InstalledModel, parser: Any) -> Any:
         return bundle_preprocessing
 
     steps: list[Any] = [EnsureChannelFirst(channel_dim="no_channel")]
-    if model.input.intensity_window is not None:
-        low, high = model.input.intensity_window
+    if spec.intensity_window is not None:
+        low, high = spec.intensity_window
         steps.append(ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
-    if model.input.spatial_size is not None:
-        steps.append(Resize(spatial_size=model.input.spatial_size, mode="area"))
+    if spec.spatial_size is not None:
+        steps.append(Resize(spatial_size=spec.spatial_size, mode="area"))
     compose = Compose(steps)
 
     def default_preprocessing(pixels: np.ndarray) -> Any:
