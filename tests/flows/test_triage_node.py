@@ -38,7 +38,6 @@ from tests.peers import REPO_ROOT, NodeProcess, storescu
 
 pytestmark = pytest.mark.network
 
-HEAD_RULE = {"modality": ["CT"], "body_part": ["HEAD"], "body_part_keywords": ["HEAD"]}
 TRIAGE_TIMEOUT = 180.0
 READ_TOKEN = "triage-test-read-token-0123456789"
 FINAL = ("triaged", "no_applicable_model", "failed")
@@ -152,24 +151,19 @@ def head_phantom(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     )
 
 
-@pytest.fixture
-def head_models(tmp_path: Path) -> Path:
-    models_dir = tmp_path / "models"
-    make_bundle(models_dir, name="ich-test", version="1.0.0", probability=0.95, rule=HEAD_RULE)
-    return models_dir
-
-
 class TestEmbeddedNode:
-    def test_head_ct_is_triaged_with_sr_and_abdominal_ct_has_no_applicable_model(
+    def test_head_ct_is_triaged_stat_by_shipped_model_and_abdominal_ct_has_no_applicable_model(
         self,
         dcmtk: None,
         prefect_server: ManagedPrefectServer,
         tmp_path: Path,
-        head_models: Path,
         head_phantom: list[Path],
         ct_series_files: list[Path],
     ) -> None:
-        node = NodeProcess(tmp_path / "node", env={**embedded_env(), **node_env(head_models)})
+        # Only the shipped models (models/bundles): ich_ct_demo applies to head CT.
+        node = NodeProcess(
+            tmp_path / "node", env={**embedded_env(), **node_env(tmp_path / "no-extra-models")}
+        )
         seed_prefect_home(node, prefect_server)
         with node:
             send(node, head_phantom)
@@ -183,8 +177,8 @@ class TestEmbeddedNode:
             assert head["state"] == "triaged", head
             assert head["priority_class"] == "STAT"
             [result] = head["model_results"]
-            assert (result["model_name"], result["mode"]) == ("ich-test", "active")
-            assert result["findings"][0]["probability"] == pytest.approx(0.95, abs=1e-3)
+            assert (result["model_name"], result["mode"]) == ("ich_ct_demo", "active")
+            assert result["findings"][0]["present"] is True
             [sr_path] = sr_files(node, head_uid)
             sr = check_sr_conforms(sr_path, head_uid)
             assert sr.SOPInstanceUID == head["sr_sop_instance_uid"]
@@ -192,12 +186,12 @@ class TestEmbeddedNode:
                 sr, name=triage_codes.AI_FINDING_PROBABILITY, recursive=True
             )
             assert float(probability.MeasuredValueSequence[0].NumericValue) == pytest.approx(
-                0.95, abs=1e-3
+                result["findings"][0]["probability"], abs=1e-3
             )
             [algorithm] = hd.sr.utils.find_content_items(
                 sr, name=pydicom.sr.codedict.codes.DCM.AlgorithmName, recursive=True
             )
-            assert algorithm.TextValue == "ich-test"
+            assert algorithm.TextValue == "ich_ct_demo"
 
             assert ct["state"] == "no_applicable_model", ct
             assert ct["failure_reason"] is None and ct["model_results"] == []
@@ -255,7 +249,7 @@ def work_pool() -> str:
 
 @pytest.fixture
 def worker_process(
-    tmp_path: Path, prefect_server: ManagedPrefectServer, head_models: Path, work_pool: str
+    tmp_path: Path, prefect_server: ManagedPrefectServer, work_pool: str
 ) -> Iterator[Callable[[NodeProcess], subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
 
@@ -290,14 +284,13 @@ class TestDistributedNode:
         tmp_path: Path,
         prefect_server: ManagedPrefectServer,
         prefect_api: str,
-        head_models: Path,
         head_phantom: list[Path],
         work_pool: str,
         worker_process: Callable[[NodeProcess], subprocess.Popen[bytes]],
     ) -> None:
         env = {
             **embedded_env(),
-            **node_env(head_models),
+            **node_env(tmp_path / "no-extra-models"),
             "PREFECT_API_URL": prefect_server.api_url,
             "PACS_TRIAGE_PREFECT_WORK_POOL": work_pool,
             "PREFECT_HOME": str(tmp_path / "node-prefect"),
@@ -310,6 +303,7 @@ class TestDistributedNode:
             state = wait_final(node, head_uid)
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()
             assert state["state"] == "triaged", (state, (tmp_path / "worker.log").read_text())
+            assert state["priority_class"] == "STAT"
             [sr_path] = sr_files(node, head_uid)
             check_sr_conforms(sr_path, head_uid)
 
