@@ -131,6 +131,34 @@ def send(node: NodeProcess, files: list[Path]) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def sr_series_by_c_find(node: NodeProcess, study_instance_uid: str, workdir: Path) -> list[str]:
+    """SR series of the study, as dcmtk's findscu sees them (Study Root, SERIES level)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            *("findscu", "-S", "-aet", "FINDSCU", "-aec", "PACS_TRIAGE", "-X", "-od", str(workdir)),
+            *("-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study_instance_uid}"),
+            *("-k", "Modality=SR", "-k", "SeriesInstanceUID"),
+            *("127.0.0.1", str(node.dicom_port)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [str(pydicom.dcmread(p).SeriesInstanceUID) for p in sorted(workdir.glob("rsp*.dcm"))]
+
+
+def sr_series_by_qido(node: NodeProcess, study_instance_uid: str) -> list[str]:
+    """SR series of the study, as QIDO-RS answers (PS3.18 10.6)."""
+    request = urllib.request.Request(
+        f"{node.http_url}/dicom-web/studies/{study_instance_uid}/series?Modality=SR",
+        headers={"Authorization": f"Bearer {READ_TOKEN}", "Accept": "application/dicom+json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return [item["0020000E"]["Value"][0] for item in json.load(response)]
+
+
 def check_sr_conforms(path: Path, study_instance_uid: str) -> hd.sr.Comprehensive3DSR:
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
     assert sr.StudyInstanceUID == study_instance_uid
@@ -182,6 +210,8 @@ class TestEmbeddedNode:
             [sr_path] = sr_files(node, head_uid)
             sr = check_sr_conforms(sr_path, head_uid)
             assert sr.SOPInstanceUID == head["sr_sop_instance_uid"]
+            assert sr_series_by_c_find(node, head_uid, tmp_path / "find") == [sr.SeriesInstanceUID]
+            assert sr_series_by_qido(node, head_uid) == [sr.SeriesInstanceUID]
             [probability] = hd.sr.utils.find_content_items(
                 sr, name=triage_codes.AI_FINDING_PROBABILITY, recursive=True
             )
