@@ -385,3 +385,14 @@ def test_volume_loading_takes_pixel_values_in_hounsfield(head_ct: list[Path]) ->
     volume = load_volume(series)
     assert volume.shape[0] == len(head_ct)
     assert float(np.min(volume.pixels)) <= -900  # air, after Rescale Intercept
+
+
+class TestRetryCondition:
+    def test_transient_errors_are_retried_data_errors_are_not(self) -> None:
+        from prefect.states import Failed
+
+        from archive.analysis import AnalysisError
+        from flows.triage import retry_transient
+
+        assert retry_transient(None, None, Failed(data=OSError("file store unavailable")))
+        assert not retry_transient(None, None, Failed(data=AnalysisError("corrupt pixel data")))
