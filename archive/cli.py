@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from archive.config import Settings
 from archive.logs import configure_logging
+from models.cli import register as register_models
 
 logger = logging.getLogger("pacs_triage")
 
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=_worker)
     config = commands.add_parser("config", help="print the effective settings as JSON")
     config.set_defaults(func=_config)
+    register_models(commands)
     return parser
 
 
