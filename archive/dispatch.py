@@ -80,13 +80,26 @@ class EmbeddedRunner:
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        """Start the Prefect server (a child process; :meth:`warm_up` waits for it)."""
         self.server.start()
 
+    def warm_up(self) -> None:
+        """Import Prefect, torch and MONAI and discover the models, so the first study
+        does not pay for it; runs in a thread while the server starts."""
+        try:
+            self._configure()
+            self.server.wait()
+        except Exception:
+            logger.exception("triage warm-up failed; the first flow run will retry")
+
     def _configure(self) -> None:
+        # One lock around the lazy imports: importing highdicom/MONAI from two
+        # threads at once can meet a partially initialised module.
         with self._lock:
             if self._configured:
                 return
             from flows import runtime
+            from flows.triage import triage_study  # noqa: F401
 
             runtime.configure(
                 runtime.TriageRuntime.from_settings(
@@ -97,7 +110,9 @@ class EmbeddedRunner:
 
     def __call__(self, job: ClaimedJob) -> None:
         if not self.server.wait():
-            raise RuntimeError(self.server.error or "Prefect server unavailable")
+            error = self.server.error or "Prefect server unavailable"
+            self.server.restart_if_dead()  # the job is re-queued and finds it restarted
+            raise RuntimeError(error)
         self._configure()
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -156,9 +171,18 @@ class DistributedRunner:
         self.settings = settings
         self.api_url = api_url
         self.deployment_id: str | None = None
+        self._lock = threading.Lock()
 
-    def start(self) -> None:
-        pass
+    def warm_up(self) -> None:
+        """Create the work pool, queues and deployment before the first study."""
+        try:
+            with self._lock:
+                from prefect.settings import PREFECT_API_URL, temporary_settings
+
+                with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
+                    self._ensure()
+        except Exception:
+            logger.exception("could not create the triage deployment yet; will retry")
 
     def _ensure(self) -> None:
         if self.deployment_id is None:
@@ -171,11 +195,13 @@ class DistributedRunner:
             )
 
     def __call__(self, job: ClaimedJob) -> None:
-        from prefect.deployments import run_deployment
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        with self._lock:
+            from prefect.deployments import run_deployment
+            from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
-            self._ensure()
+            with self._lock:
+                self._ensure()
             run = run_deployment(
                 name=f"{FLOW_NAME}/{DEPLOYMENT_NAME}",
                 parameters={"job_id": job.id},
@@ -263,10 +289,18 @@ class Dispatcher:
             EmbeddedRunner(settings, server, db=db, file_store=file_store, ingest=ingest),
         )
 
-    def start(self) -> None:
+    def prepare(self) -> None:
+        """Start what takes long (the managed Prefect server); call first at node start."""
         start = getattr(self.runner, "start", None)
         if start is not None:
             start()
+
+    def start(self) -> None:
+        """Warm up the runner and start claiming jobs (call once the node has started:
+        the background imports must not race the node's own)."""
+        warm_up = getattr(self.runner, "warm_up", None)
+        if warm_up is not None:
+            threading.Thread(target=warm_up, name="triage-warm-up", daemon=True).start()
         self._thread = threading.Thread(target=self._run, name="triage-dispatch", daemon=True)
         self._thread.start()
 

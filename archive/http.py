@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import secrets
@@ -37,7 +38,7 @@ from sqlalchemy import select
 
 from archive.config import Settings, TokenScopeValues
 from archive.db import Database
-from archive.index import Study, StudyTriage
+from archive.index import ModelResultRecord, Study, StudyTriage
 from archive.ingest import Ingest
 from archive.store import FileStore
 from pipeline.uids import InvalidUIDError, validate_uid
@@ -238,6 +239,12 @@ def _api_router():  # type: ignore[no-untyped-def]
                 .outerjoin(StudyTriage, StudyTriage.study_pk == Study.id)
                 .where(Study.study_instance_uid == uid)
             ).first()
+            if row is not None:
+                results = session.scalars(
+                    select(ModelResultRecord)
+                    .where(ModelResultRecord.study_pk == row[0].id)
+                    .order_by(ModelResultRecord.created_at.desc(), ModelResultRecord.id.desc())
+                ).all()
         if row is None:
             raise HTTPException(404, "no such study")
         study, triage = row
@@ -258,6 +265,21 @@ def _api_router():  # type: ignore[no-untyped-def]
             "priority_score": triage.priority_score if triage else None,
             "priority_reason": triage.priority_reason if triage else None,
             "sr_sop_instance_uid": triage.sr_sop_instance_uid if triage else None,
+            "started_at": (triage.started_at.isoformat() if triage and triage.started_at else None),
+            # Every model result recorded for the study (active and shadow), newest first.
+            "model_results": [
+                {
+                    "SeriesInstanceUID": r.series_instance_uid,
+                    "model_name": r.model_name,
+                    "model_version": r.model_version,
+                    "weights_sha256": r.weights_sha256,
+                    "mode": r.mode,
+                    "inference_seconds": r.inference_seconds,
+                    "findings": json.loads(r.findings),
+                    "created_at": r.created_at.isoformat(),
+                }
+                for r in results
+            ],
         }
 
     return router

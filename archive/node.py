@@ -248,7 +248,7 @@ class Node:
         self.file_store.sweep_temporary()
         release_jobs_of(self.db, self.settings.node_name)
         if self.dispatcher is not None:
-            self.dispatcher.start()  # first: the Prefect server warms up while we start
+            self.dispatcher.prepare()  # first: the Prefect server starts while we do
         self.dicom.start()
         self.stability.start()
         ensure_token_file(self.settings)
@@ -261,6 +261,8 @@ class Node:
         )
         self.http = HttpService(self.settings, create_app(self.app_context))
         self.http.start()
+        if self.dispatcher is not None:
+            self.dispatcher.start()
         self.delivery.start()
 
     def stop(self) -> None:

@@ -118,6 +118,7 @@ class ManagedPrefectServer:
         self.port = port or _free_port(host)
         self.process: subprocess.Popen[bytes] | None = None
         self.ready = threading.Event()
+        self._wait_lock = threading.Lock()
         self.error: str | None = None
         self.log_path = self.home / "server.log"
 
@@ -161,8 +162,14 @@ class ManagedPrefectServer:
 
     def wait(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> bool:
         """Wait until the API answers; False (and :attr:`error` set) if it never does."""
+        with self._wait_lock:  # one poller; the others find it ready
+            return self._wait(timeout)
+
+    def _wait(self, timeout: float) -> bool:
         if self.ready.is_set():
-            return True
+            if self.process is not None and self.process.poll() is None:
+                return True
+            self.ready.clear()  # it died after it was ready
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             if self.process is None or self.process.poll() is not None:
@@ -182,6 +189,16 @@ class ManagedPrefectServer:
         self.error = f"Prefect server not ready after {timeout:.0f} s; log: {self.log_path}"
         logger.error("%s", self.error)
         return False
+
+    def restart_if_dead(self) -> bool:
+        """Start the server again if its process has exited; True if it did."""
+        if self.process is not None and self.process.poll() is None:
+            return False
+        logger.warning("Prefect server is not running; starting it again")
+        self.ready.clear()
+        self.error = None
+        self.start()
+        return True
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -37,7 +38,6 @@ from tests.peers import REPO_ROOT, NodeProcess, storescu
 
 pytestmark = pytest.mark.network
 
-HEAD_RULE = {"modality": ["CT"], "body_part": ["HEAD"], "body_part_keywords": ["HEAD"]}
 TRIAGE_TIMEOUT = 180.0
 READ_TOKEN = "triage-test-read-token-0123456789"
 FINAL = ("triaged", "no_applicable_model", "failed")
@@ -57,6 +57,24 @@ def node_env(models_dir: Path, **extra: str) -> dict[str, str]:
         **extra,
     }
     return env
+
+
+def seed_prefect_home(node: NodeProcess, server: ManagedPrefectServer) -> None:
+    """Give the node's managed Prefect server an already migrated database.
+
+    A fresh Prefect database runs every migration at server start (about 7 s
+    here); the tests of embedded mode copy the session server's instead. The
+    server is still the node's own child, started by the node.
+    """
+    home = node.data_dir / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    source = sqlite3.connect(server.home / "prefect.db")
+    target = sqlite3.connect(home / "prefect.db")
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
 
 
 def embedded_env() -> dict[str, str]:
@@ -113,6 +131,34 @@ def send(node: NodeProcess, files: list[Path]) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def sr_series_by_c_find(node: NodeProcess, study_instance_uid: str, workdir: Path) -> list[str]:
+    """SR series of the study, as dcmtk's findscu sees them (Study Root, SERIES level)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            *("findscu", "-S", "-aet", "FINDSCU", "-aec", "PACS_TRIAGE", "-X", "-od", str(workdir)),
+            *("-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study_instance_uid}"),
+            *("-k", "Modality=SR", "-k", "SeriesInstanceUID"),
+            *("127.0.0.1", str(node.dicom_port)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [str(pydicom.dcmread(p).SeriesInstanceUID) for p in sorted(workdir.glob("rsp*.dcm"))]
+
+
+def sr_series_by_qido(node: NodeProcess, study_instance_uid: str) -> list[str]:
+    """SR series of the study, as QIDO-RS answers (PS3.18 10.6)."""
+    request = urllib.request.Request(
+        f"{node.http_url}/dicom-web/studies/{study_instance_uid}/series?Modality=SR",
+        headers={"Authorization": f"Bearer {READ_TOKEN}", "Accept": "application/dicom+json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return [item["0020000E"]["Value"][0] for item in json.load(response)]
+
+
 def check_sr_conforms(path: Path, study_instance_uid: str) -> hd.sr.Comprehensive3DSR:
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
     assert sr.StudyInstanceUID == study_instance_uid
@@ -133,23 +179,20 @@ def head_phantom(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     )
 
 
-@pytest.fixture
-def head_models(tmp_path: Path) -> Path:
-    models_dir = tmp_path / "models"
-    make_bundle(models_dir, name="ich-test", version="1.0.0", probability=0.95, rule=HEAD_RULE)
-    return models_dir
-
-
 class TestEmbeddedNode:
-    def test_head_ct_is_triaged_with_sr_and_abdominal_ct_has_no_applicable_model(
+    def test_head_ct_is_triaged_stat_by_shipped_model_and_abdominal_ct_has_no_applicable_model(
         self,
         dcmtk: None,
+        prefect_server: ManagedPrefectServer,
         tmp_path: Path,
-        head_models: Path,
         head_phantom: list[Path],
         ct_series_files: list[Path],
     ) -> None:
-        node = NodeProcess(tmp_path / "node", env={**embedded_env(), **node_env(head_models)})
+        # Only the shipped models (models/bundles): ich_ct_demo applies to head CT.
+        node = NodeProcess(
+            tmp_path / "node", env={**embedded_env(), **node_env(tmp_path / "no-extra-models")}
+        )
+        seed_prefect_home(node, prefect_server)
         with node:
             send(node, head_phantom)
             send(node, ct_series_files)
@@ -161,22 +204,27 @@ class TestEmbeddedNode:
 
             assert head["state"] == "triaged", head
             assert head["priority_class"] == "STAT"
+            [result] = head["model_results"]
+            assert (result["model_name"], result["mode"]) == ("ich_ct_demo", "active")
+            assert result["findings"][0]["present"] is True
             [sr_path] = sr_files(node, head_uid)
             sr = check_sr_conforms(sr_path, head_uid)
             assert sr.SOPInstanceUID == head["sr_sop_instance_uid"]
+            assert sr_series_by_c_find(node, head_uid, tmp_path / "find") == [sr.SeriesInstanceUID]
+            assert sr_series_by_qido(node, head_uid) == [sr.SeriesInstanceUID]
             [probability] = hd.sr.utils.find_content_items(
                 sr, name=triage_codes.AI_FINDING_PROBABILITY, recursive=True
             )
             assert float(probability.MeasuredValueSequence[0].NumericValue) == pytest.approx(
-                0.95, abs=1e-3
+                result["findings"][0]["probability"], abs=1e-3
             )
             [algorithm] = hd.sr.utils.find_content_items(
                 sr, name=pydicom.sr.codedict.codes.DCM.AlgorithmName, recursive=True
             )
-            assert algorithm.TextValue == "ich-test"
+            assert algorithm.TextValue == "ich_ct_demo"
 
             assert ct["state"] == "no_applicable_model", ct
-            assert ct["failure_reason"] is None
+            assert ct["failure_reason"] is None and ct["model_results"] == []
             [ct_sr] = sr_files(node, ct_uid)
             check_sr_conforms(ct_sr, ct_uid)
         assert "PatientName" not in node.log() and "Phantom^Head" not in node.log()
@@ -184,11 +232,16 @@ class TestEmbeddedNode:
 
 class TestCrashRecovery:
     def test_node_killed_between_ready_and_triaged_triages_the_study_once(
-        self, dcmtk: None, tmp_path: Path, ct_series_files: list[Path]
+        self,
+        dcmtk: None,
+        prefect_server: ManagedPrefectServer,
+        tmp_path: Path,
+        ct_series_files: list[Path],
     ) -> None:
         models_dir = tmp_path / "models"
         make_bundle(models_dir, name="ct-test", version="1.0.0", probability=0.7)
         node = NodeProcess(tmp_path / "node", env={**embedded_env(), **node_env(models_dir)})
+        seed_prefect_home(node, prefect_server)
         ct_uid = str(pydicom.dcmread(ct_series_files[0]).StudyInstanceUID)
         index = Database(f"sqlite:///{node.data_dir / 'index.sqlite'}")
 
@@ -226,7 +279,7 @@ def work_pool() -> str:
 
 @pytest.fixture
 def worker_process(
-    tmp_path: Path, prefect_server: ManagedPrefectServer, head_models: Path, work_pool: str
+    tmp_path: Path, prefect_server: ManagedPrefectServer, work_pool: str
 ) -> Iterator[Callable[[NodeProcess], subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
 
@@ -261,14 +314,13 @@ class TestDistributedNode:
         tmp_path: Path,
         prefect_server: ManagedPrefectServer,
         prefect_api: str,
-        head_models: Path,
         head_phantom: list[Path],
         work_pool: str,
         worker_process: Callable[[NodeProcess], subprocess.Popen[bytes]],
     ) -> None:
         env = {
             **embedded_env(),
-            **node_env(head_models),
+            **node_env(tmp_path / "no-extra-models"),
             "PREFECT_API_URL": prefect_server.api_url,
             "PACS_TRIAGE_PREFECT_WORK_POOL": work_pool,
             "PREFECT_HOME": str(tmp_path / "node-prefect"),
@@ -281,6 +333,7 @@ class TestDistributedNode:
             state = wait_final(node, head_uid)
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()
             assert state["state"] == "triaged", (state, (tmp_path / "worker.log").read_text())
+            assert state["priority_class"] == "STAT"
             [sr_path] = sr_files(node, head_uid)
             check_sr_conforms(sr_path, head_uid)
 
