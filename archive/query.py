@@ -327,7 +327,9 @@ class Matcher:
             For a value that is malformed for its VR or too long.
         """
         text = raw.strip()
-        if len(text) > key.max_length * (MAX_LIST_VALUES if key.kind is _K.UID else 4):
+        if len(text) > (key.max_length + 1) * MAX_LIST_VALUES or any(
+            len(v.strip()) > key.max_length for v in text.split("\\")
+        ):
             raise QueryError(status.UNABLE_TO_PROCESS, f"{key.keyword}: value too long")
         if text == "" or (text.strip("*") == "" and key.kind is not MatchKindValues.UID):
             return None  # PS3.4 C.2.2.2.3 universal matching ('*' alone is universal too)
