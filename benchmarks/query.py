@@ -1,4 +1,4 @@
-"""Query latency: C-FIND (kept association) and QIDO-RS on pacs-triage (SQLite, PostgreSQL) vs Orthanc.
+"""Query latency: C-FIND and QIDO-RS on pacs-triage (SQLite, PostgreSQL) against Orthanc.
 
 Fills an index with synthetic rows (default 100k studies, 1M instances: bulk
 SQL inserts, no files), starts a real ``pacs-triage serve`` on it, and times
@@ -23,7 +23,6 @@ import platform
 import random
 import shutil
 import socket
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -269,7 +268,11 @@ def main() -> None:
                 for query, make in queries(args.studies, rng).items():
                     results[(name, "C-FIND", query)] = time_cfind(node.dicom_port, make)
 
-                    def qido(params: dict[str, str]) -> int:
+                    def qido(
+                        params: dict[str, str],
+                        session: requests.Session = session,
+                        node: NodeProcess = node,
+                    ) -> int:
                         return session.get(
                             f"{node.http_url}/dicom-web/studies", params=params, timeout=30
                         ).status_code

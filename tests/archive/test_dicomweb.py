@@ -188,7 +188,7 @@ class TestWado:
     ) -> None:
         metadata = client.retrieve_study_metadata(SR_STUDY)
         assert len(metadata) == 3
-        seg = [m for m in metadata if m["00080060"]["Value"] == ["SEG"]][0]
+        seg = next(m for m in metadata if m["00080060"]["Value"] == ["SEG"])
         assert "BulkDataURI" in seg["7FE00010"]
 
     def test_rendered_and_thumbnail(

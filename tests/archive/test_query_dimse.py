@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_context
+from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from archive import status
@@ -205,8 +205,18 @@ class TestFind:
 class TestMove:
     def test_movescu_study_to_storescp_is_byte_identical(self, site: Site) -> None:
         result = subprocess.run(
-            ["movescu", "-S", "-aem", "STORESCP", "-k", "QueryRetrieveLevel=STUDY"]
-            + ["-k", f"StudyInstanceUID={CT_STUDY}", "127.0.0.1", str(site.node.dicom_port)],
+            [
+                "movescu",
+                "-S",
+                "-aem",
+                "STORESCP",
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={CT_STUDY}",
+                "127.0.0.1",
+                str(site.node.dicom_port),
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -226,8 +236,18 @@ class TestMove:
             pydicom.dcmread(transfer_syntax_files[0], stop_before_pixels=True).StudyInstanceUID
         )
         result = subprocess.run(
-            ["movescu", "-S", "-aem", "STORESCP", "-k", "QueryRetrieveLevel=STUDY"]
-            + ["-k", f"StudyInstanceUID={study}", "127.0.0.1", str(site.node.dicom_port)],
+            [
+                "movescu",
+                "-S",
+                "-aem",
+                "STORESCP",
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={study}",
+                "127.0.0.1",
+                str(site.node.dicom_port),
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -241,8 +261,18 @@ class TestMove:
 
     def test_unknown_destination_refused(self, site: Site) -> None:
         result = subprocess.run(
-            ["movescu", "-S", "-aem", "NOWHERE", "-k", "QueryRetrieveLevel=STUDY"]
-            + ["-k", f"StudyInstanceUID={CT_STUDY}", "127.0.0.1", str(site.node.dicom_port)],
+            [
+                "movescu",
+                "-S",
+                "-aem",
+                "NOWHERE",
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={CT_STUDY}",
+                "127.0.0.1",
+                str(site.node.dicom_port),
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -270,8 +300,19 @@ class TestMove:
 class TestGet:
     def test_getscu_ct_series_byte_identical(self, site: Site, tmp_path: Path) -> None:
         result = subprocess.run(
-            ["getscu", "-S", "+B", "-od", str(tmp_path), "-k", "QueryRetrieveLevel=STUDY"]
-            + ["-k", f"StudyInstanceUID={CT_STUDY}", "127.0.0.1", str(site.node.dicom_port)],
+            [
+                "getscu",
+                "-S",
+                "+B",
+                "-od",
+                str(tmp_path),
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={CT_STUDY}",
+                "127.0.0.1",
+                str(site.node.dicom_port),
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -293,11 +334,19 @@ class TestGet:
             out = tmp_path / path.stem
             out.mkdir()
             result = subprocess.run(
-                ["getscu", "-S", "+B", GETSCU_PREFER[str(ds.file_meta.TransferSyntaxUID)]]
-                + ["-od", str(out), "-k", "QueryRetrieveLevel=IMAGE"]
-                + ["-k", f"StudyInstanceUID={ds.StudyInstanceUID}"]
-                + ["-k", f"SeriesInstanceUID={ds.SeriesInstanceUID}"]
-                + [
+                [
+                    "getscu",
+                    "-S",
+                    "+B",
+                    GETSCU_PREFER[str(ds.file_meta.TransferSyntaxUID)],
+                    "-od",
+                    str(out),
+                    "-k",
+                    "QueryRetrieveLevel=IMAGE",
+                    "-k",
+                    f"StudyInstanceUID={ds.StudyInstanceUID}",
+                    "-k",
+                    f"SeriesInstanceUID={ds.SeriesInstanceUID}",
                     "-k",
                     f"SOPInstanceUID={ds.SOPInstanceUID}",
                     "127.0.0.1",
@@ -320,8 +369,19 @@ class TestGet:
             pydicom.dcmread(transfer_syntax_files[0], stop_before_pixels=True).StudyInstanceUID
         )
         result = subprocess.run(
-            ["getscu", "-S", "+B", "-od", str(tmp_path), "-k", "QueryRetrieveLevel=STUDY"]
-            + ["-k", f"StudyInstanceUID={study}", "127.0.0.1", str(site.node.dicom_port)],
+            [
+                "getscu",
+                "-S",
+                "+B",
+                "-od",
+                str(tmp_path),
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={study}",
+                "127.0.0.1",
+                str(site.node.dicom_port),
+            ],
             capture_output=True,
             text=True,
             check=False,
