@@ -19,6 +19,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
@@ -73,6 +75,7 @@ QUERY_MODELS: dict[str, InformationModelValues] = {
 """The Query/Retrieve SOP Classes the node supports and their information models (PS3.4 C.6)."""
 
 _send_c_store = Association.send_c_store
+UNCOMPRESSED_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
 
 
 def send_stored_bytes(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Any:
@@ -83,10 +86,27 @@ def send_stored_bytes(self: Association, dataset: Any, *args: Any, **kwargs: Any
     as it was received, so its file is handed to ``send_c_store`` by path (with
     ``STORE_SEND_CHUNKED_DATASET``, pynetdicom streams the file's data set
     without decoding it).
+
+    Only when the peer accepted no context in the stored transfer syntax, and
+    that syntax is an uncompressed one, is the data set decoded and sent in an
+    uncompressed syntax the peer did accept (PS3.5 A.1/A.2: the same values,
+    another encoding; pixel data are never decompressed or compressed).
     """
-    if isinstance(dataset, handlers.StoredInstance):
-        dataset = dataset.stored_path
-    return _send_c_store(self, dataset, *args, **kwargs)
+    if not isinstance(dataset, handlers.StoredInstance):
+        return _send_c_store(self, dataset, *args, **kwargs)
+    path = dataset.stored_path
+    try:
+        return _send_c_store(self, path, *args, **kwargs)
+    except ValueError:
+        stored_syntax = pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID
+        if stored_syntax not in UNCOMPRESSED_SYNTAXES:
+            raise
+        logger.info(
+            "SOP Instance %s: no context in %s accepted, sent in another uncompressed syntax",
+            dataset.SOPInstanceUID,
+            stored_syntax,
+        )
+        return _send_c_store(self, pydicom.dcmread(path), *args, **kwargs)
 
 
 Association.send_c_store = send_stored_bytes  # type: ignore[method-assign]

@@ -37,13 +37,14 @@ CT_STUDY = "1.3.6.1.4.1.14519.5.2.1.21087345762211724523378497892240459677"
 SR_STUDY = "1.3.6.1.4.1.14519.5.2.1.2744.7002.150059977302243314164020079415"
 GETSCU_PREFER = {
     "1.2.840.10008.1.2.1": "+xe",
-    # Implicit VR (the CT series) is covered by test_getscu_ct_series_byte_identical.
     "1.2.840.10008.1.2.2": "+xb",
     "1.2.840.10008.1.2.5": "+xr",
     "1.2.840.10008.1.2.4.70": "+xs",
     "1.2.840.10008.1.2.4.80": "+xt",
     "1.2.840.10008.1.2.4.90": "+xv",
 }
+"""getscu option that proposes a stored transfer syntax. dcmtk 3.6's getscu proposes
+only Explicit VR for storage even with +xi, so Implicit VR has its own test."""
 
 
 @dataclass
@@ -389,3 +390,28 @@ class TestGet:
         )
         assert "SubOperationsCompleteOneOrMoreFailures" in result.stderr, result.stderr
         assert 0 < len(list(tmp_path.iterdir())) < len(transfer_syntax_files)
+
+    def test_getscu_implicit_instance_arrives_in_accepted_uncompressed_syntax(
+        self, site: Site, transfer_syntax_files: list[Path], tmp_path: Path
+    ) -> None:
+        (path,) = [p for p in transfer_syntax_files if p.name == "2.dcm"]
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+        result = subprocess.run(
+            [
+                *("getscu", "-S", "-od", str(tmp_path), "-k", "QueryRetrieveLevel=IMAGE"),
+                *("-k", f"StudyInstanceUID={ds.StudyInstanceUID}"),
+                *("-k", f"SeriesInstanceUID={ds.SeriesInstanceUID}"),
+                *("-k", f"SOPInstanceUID={ds.SOPInstanceUID}"),
+                *("127.0.0.1", str(site.node.dicom_port)),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        (received,) = [pydicom.dcmread(p) for p in tmp_path.iterdir()]
+        assert received.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert received.SOPInstanceUID == ds.SOPInstanceUID
+        assert received.PixelData == ds.PixelData
