@@ -269,11 +269,12 @@ def main() -> None:
                     "PACS_TRIAGE_STABLE_AFTER_RELEASE_SECONDS": "1e9",
                 },
             ).start()
-            session = requests.Session()
-            session.headers.update(node.auth_headers)
             try:
                 for query, make in queries(args.studies, rng).items():
                     results[(name, "C-FIND", query)] = time_cfind(node.dicom_port, make)
+                    # A new keep-alive session per query: uvicorn closes idle ones after 5 s.
+                    session = requests.Session()
+                    session.headers.update(node.auth_headers)
 
                     def qido(
                         params: dict[str, str],
@@ -329,8 +330,9 @@ def main() -> None:
             }
             for query, make in orthanc_queries.items():
                 results[("Orthanc", "C-FIND", query)] = time_cfind(orthanc.dicom_port, make)
+                http = requests.Session()
 
-                def rest_find(params: dict[str, str]) -> int:
+                def rest_find(params: dict[str, str], http: requests.Session = http) -> int:
                     body = {"Level": "Study", "Query": params, "Expand": True}
                     return http.post(
                         f"{orthanc.url}/tools/find", data=json.dumps(body), timeout=30
