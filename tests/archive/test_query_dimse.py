@@ -21,6 +21,12 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from archive import status
+from archive.config import Settings
+from archive.db import Database
+from archive.ingest import Ingest
+from archive.scp import start_listening_server
+from archive.store import FileStore
+from benchmarks.query import fill
 from tests.dicom_factory import dataset_bytes
 from tests.peers import (
     STORESCU_PROPOSE,
@@ -180,15 +186,25 @@ class TestFind:
         result = findscu(site.node.dicom_port, *keys, extra=("-v",))
         assert expected in result.stderr.lower(), result.stderr
 
-    def test_pynetdicom_cancel_stops_pending_responses(self, site: Site) -> None:
+    def test_pynetdicom_cancel_stops_pending_responses(self, tmp_path: Path) -> None:
+        # 3000 matching studies, so the SCP is still sending when the C-CANCEL lands.
+        url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+        db = Database(url)
+        db.upgrade()
+        fill(url, 3000)
+        settings = Settings(
+            data_dir=tmp_path, database_url=url, dicom_host="127.0.0.1", dicom_port=0
+        )
+        server = start_listening_server(settings, Ingest(db, FileStore(tmp_path, fsync=False)))
+        port = server.server_address[1]
         ae = AE(ae_title="CANCELLER")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        assoc = ae.associate("127.0.0.1", site.node.dicom_port)
+        assoc = ae.associate("127.0.0.1", port)
         assert assoc.is_established
         identifier = Dataset()
-        identifier.QueryRetrieveLevel = "IMAGE"
-        identifier.StudyInstanceUID = CT_STUDY
-        identifier.SOPInstanceUID = ""
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.PatientName = "*"
+        identifier.StudyInstanceUID = ""
         statuses = []
         try:
             for number, (rsp, _) in enumerate(
@@ -199,8 +215,10 @@ class TestFind:
                     assoc.send_c_cancel(1, query_model=StudyRootQueryRetrieveInformationModelFind)
         finally:
             assoc.release()
+            server.shutdown()
+            db.dispose()
         assert statuses[-1] == status.CANCEL
-        assert len(statuses) < 134
+        assert len(statuses) < 3000
 
 
 class TestMove:
