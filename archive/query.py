@@ -601,28 +601,22 @@ def parse_identifier(
 
 
 def statement(query: Query) -> Select[Any]:
-    """The SELECT of `query`: one row per match, entities of the levels it needs."""
-    entities: list[Any] = []
+    """The SELECT of `query`: one row per match, one column per returned key (by keyword).
+
+    Only the returned attributes are read (no ORM entities): on a C-FIND with
+    many matches, building entities costs more than the query.
+    """
     level = LEVEL_ORDER[query.level]
+    columns = [KEYS[k].column.label(k) for k in query.return_keys if k in KEYS] or [Patient.id]
+    stmt = select(*columns)
     if level == 0:
-        stmt = select(Patient)
+        stmt = stmt.select_from(Patient)
     else:
-        entities = [Study, Patient]
-        if level >= 2:
-            entities.insert(1, Series)
-        if level >= 3:
-            entities.insert(2, Instance)
-        stmt = select(*entities)
         stmt = stmt.select_from(Study).join(Patient, Study.patient_pk == Patient.id)
         if level >= 2:
             stmt = stmt.join(Series, Series.study_pk == Study.id)
         if level >= 3:
             stmt = stmt.join(Instance, Instance.series_pk == Series.id)
-    derived = [
-        KEYS[k].column.label(k) for k in query.return_keys if k.startswith("NumberOfPatientRelated")
-    ]
-    if derived:
-        stmt = stmt.add_columns(*derived)
     if query.conditions:
         stmt = stmt.where(*query.conditions)
     return stmt
@@ -634,15 +628,8 @@ def order_by_level(stmt: Select[Any], level: QueryLevelValues) -> Select[Any]:
     return stmt.order_by(column)
 
 
-_ROW_ENTITY = {_P: Patient, _ST: Study, _SE: Series, _IM: Instance}
-
-
 def _value(key: Key, row: Any) -> Any:
-    if key.kind is _K.DERIVED and key.level is _P:
-        return getattr(row, key.keyword)
-    entity = _ROW_ENTITY[key.level]
-    obj = row if isinstance(row, entity) else getattr(row, entity.__name__)
-    return getattr(obj, key.column.key)
+    return row._mapping[key.keyword]
 
 
 _SPECIFIC_CHARACTER_SET_TAG = 0x00080005
@@ -695,12 +682,8 @@ def _tag_vr(keyword: str) -> tuple[int, str]:
 def run(session: Session, query: Query, *, batch: int = 200) -> Iterator[Dataset]:
     """Execute `query` and yield one identifier per match, fetching rows in batches."""
     stmt = statement(query).execution_options(yield_per=batch)
-    result = session.execute(stmt)
-    single = LEVEL_ORDER[query.level] == 0 and not any(
-        k.startswith("NumberOfPatientRelated") for k in query.return_keys
-    )
-    for row in result:
-        yield to_dataset(query, row[0] if single else row)
+    for row in session.execute(stmt):
+        yield to_dataset(query, row)
 
 
 def retrieve_statement(query: Query) -> Select[Any]:
