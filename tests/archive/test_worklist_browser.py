@@ -17,6 +17,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from archive.config import HttpToken, Settings
@@ -154,6 +155,26 @@ def test_login_stat_on_top_live_update_and_mark_opened(browser, node) -> None:
     path = ARTIFACTS / "worklist.png"
     assert browser.save_screenshot(str(path))
     assert path.stat().st_size > 10_000
+
+    # Keyboard: j moves the selection down, Enter enlarges the key image, Escape closes it.
+    body = browser.find_element(By.TAG_NAME, "body")
+    selected = lambda d: d.find_element(By.CSS_SELECTOR, "tr.row.selected").get_attribute(  # noqa: E731
+        "data-uid"
+    )
+    before = selected(browser)
+    body.send_keys("j")
+    wait.until(lambda d: selected(d) != before)
+    body.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.ID, "viewer").is_displayed())
+    image = browser.find_element(By.ID, "viewer-image")
+    wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) > 0)
+    browser.save_screenshot(str(ARTIFACTS / "worklist-key-image.png"))
+    body.send_keys(Keys.ESCAPE)
+    wait.until(lambda d: not d.find_element(By.ID, "viewer").is_displayed())
+
+    # The quality view counts the model's flagged studies.
+    browser.get(f"{base}/worklist/quality")
+    wait.until(lambda d: "test-ich 1.0.0" in d.find_element(By.ID, "models").text)
 
 
 def test_system_browser_is_used(browser) -> None:
