@@ -22,6 +22,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,8 +146,9 @@ def format_worklist(items: list[service.WorklistItem], labels: dict[str, str]) -
     lines = []
     for position, item in enumerate(items, start=1):
         priority = item.priority_class or "-"
+        state = "" if item.headline.startswith(item.triage_label) else f"{item.triage_label}: "
         lines.append(
-            f"{position:>3}. {priority:<8} {item.triage_label:<32} {item.headline[:60]:<60} "
+            f"{position:>3}. {priority:<8} {(state + item.headline)[:70]:<70} "
             f"[{labels.get(item.study_instance_uid, item.study_description)}]"
         )
     return "\n".join(lines)
@@ -161,6 +163,12 @@ def run(args: argparse.Namespace) -> int:
     from archive.node import Node
 
     configure_logging("INFO" if args.verbose else "WARNING")
+    if not args.verbose:
+        # The flow runs in this process (and a managed Prefect server in a child):
+        # keep their per-task INFO lines out of the demo's output.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_ROOT_LEVEL", "WARNING")
+        warnings.filterwarnings("ignore", category=UserWarning, module="highdicom")
     signal.signal(signal.SIGTERM, _interrupt)  # stop the node cleanly on SIGTERM too
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="pacs-triage-demo-"))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -177,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         stable_after_seconds=2.0,
         stable_after_release_seconds=0.5,
         http_tokens=[HttpToken(name="demo", token=token, scopes=["admin"])],
+        log_level="INFO" if args.verbose else "WARNING",
     )
     real_ct = find_real_ct(args.real_ct)
     print(f"pacs-triage demo: data in {data_dir}", flush=True)
