@@ -181,6 +181,9 @@ def _headline(
         return f"AI could not analyse this study: {reason or 'reason unknown'}"
     if summary and state is WorklistTriageStateValues.TRIAGED:
         return str(summary.get("headline") or "")
+    if state is WorklistTriageStateValues.TRIAGED and triage and triage.priority_reason:
+        # The follow-up has not read the SR yet (a moment after the result): the policy's reason.
+        return triage.priority_reason
     return TRIAGE_LABELS[state]
 
 
