@@ -194,6 +194,22 @@ class Settings(BaseSettings):
     triage_lease_seconds: float = Field(default=900.0, gt=0)
     """How long a claimed triage job stays with its node before another may take it."""
 
+    triage_enabled: bool = True
+    """Run the triage flow on ready studies (off: studies stay queued)."""
+
+    triage_concurrency: int = Field(default=1, ge=1)
+    """Triage flow runs at once in this node (embedded mode)."""
+
+    triage_max_attempts: int = Field(default=3, ge=1)
+    """A job whose flow run itself fails this often ends ``failed`` instead of running again."""
+
+    prefect_api_url: str | None = None
+    """A Prefect server to submit triage runs to (distributed mode); also read from
+    ``PREFECT_API_URL``. Unset: embedded mode, a managed Prefect server child."""
+
+    prefect_work_pool: str = "pacs-triage"
+    """Work pool of the triage deployment (distributed mode)."""
+
     move_destinations: list[RemoteAE] = Field(default_factory=list)
     """Known C-MOVE destinations, by AE title."""
 
@@ -247,6 +263,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    models_dirs: list[Path] = Field(default_factory=list)
+    """Extra folders of MONAI bundles, besides the shipped ones and ``<data_dir>/models``."""
+
+    model_device: str = "auto"
+    """Torch device models run on: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda:0``."""
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -268,6 +290,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.data_dir / 'index.sqlite'}"
+
+    @property
+    def resolved_prefect_api_url(self) -> str | None:
+        """The Prefect API of distributed mode, or None for embedded mode."""
+        return self.prefect_api_url or os.environ.get("PREFECT_API_URL") or None
 
     @property
     def resolved_http_token_file(self) -> Path:

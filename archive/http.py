@@ -210,6 +210,9 @@ def _parse_uid(value: str, keyword: str) -> str:
 def _include_routers(app: FastAPI) -> None:
     """Routers owned by other modules; each adds its routes under its own prefix."""
     app.include_router(_api_router())
+    from archive import dicomweb
+
+    app.include_router(dicomweb.router())
     from archive.worklist.api import router as worklist_router
 
     app.include_router(worklist_router())

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -143,7 +144,10 @@ class Series(Base):
     """Series level (PS3.4 C.6.2.1.3)."""
 
     __tablename__ = "series"
-    __table_args__ = (Index("ix_series_study_pk", "study_pk"),)
+    __table_args__ = (
+        Index("ix_series_study_pk", "study_pk"),
+        Index("ix_series_modality", "modality"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(
@@ -286,6 +290,51 @@ class TriageJob(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     error: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+
+    study: Mapped[Study] = relationship()
+
+
+class ModelResultRecord(Base):
+    """What one model found in one series: the triage result cache and the research results table.
+
+    One row per (series content, model name, version, weights): a re-run of the
+    same model on the same images reads the row instead of running the model
+    again. ``series_fingerprint`` changes when the series' instances change, so
+    a re-analysis after late arrivals never reuses a stale result. Shadow
+    models are recorded like active ones (``mode``) but never set a priority.
+    """
+
+    __tablename__ = "model_result"
+    __table_args__ = (
+        UniqueConstraint(
+            "series_instance_uid",
+            "series_fingerprint",
+            "model_name",
+            "model_version",
+            "weights_sha256",
+            name="uq_model_result_series_model",
+        ),
+        Index("ix_model_result_study_pk", "study_pk"),
+        Index("ix_model_result_model", "model_name", "model_version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"))
+    series_instance_uid: Mapped[str] = mapped_column(
+        String(64), comment="(0020,000E) SeriesInstanceUID UI of the analysed series"
+    )
+    series_fingerprint: Mapped[str] = mapped_column(
+        String(64), comment="SHA-256 over the series' SOP Instance UIDs and file checksums"
+    )
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(16), comment="active or shadow (ModelModeValues)")
+    findings: Mapped[str] = mapped_column(
+        Text, comment="JSON list: key, probability, volume_ml, location, key_sop_instance_uid"
+    )
+    inference_seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     study: Mapped[Study] = relationship()
 

@@ -6,7 +6,8 @@ several interpreters share one port and every core is used. Brings the index
 schema up to date and clears crash leftovers before it accepts anything.
 Workers report which studies each association delivers and when it ends; the
 node feeds those reports to the study stability monitor, which marks complete
-studies ready for triage.
+studies ready for triage; the triage dispatcher (:mod:`archive.dispatch`)
+runs the triage flow on them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 from archive.config import Settings
 from archive.db import Database
 from archive.dimse_worker import CHANNEL_FD_ENV, SETTINGS_ENV, WORKER_INDEX_ENV
+from archive.dispatch import Dispatcher
 from archive.http import AppContext, HttpService, TokenBook, create_app, ensure_token_file
 from archive.ingest import Ingest
 from archive.outbox import DeliveryService
@@ -226,6 +228,12 @@ class Node:
         )
         self.ingest = Ingest(self.db, self.file_store, settings.duplicate_policy)
         self.http: HttpService | None = None
+        self.dispatcher: Dispatcher | None = None
+        if settings.triage_enabled:
+            self.dispatcher = Dispatcher.for_settings(
+                settings, self.db, file_store=self.file_store, ingest=self.ingest
+            )
+            self.stability.on_ready.append(self.dispatcher.wake)
         self.delivery = DeliveryService(self.db, settings, self.file_store)
 
     def _association_report(self, report: dict[str, Any]) -> None:
@@ -239,6 +247,8 @@ class Node:
         self.db.upgrade()
         self.file_store.sweep_temporary()
         release_jobs_of(self.db, self.settings.node_name)
+        if self.dispatcher is not None:
+            self.dispatcher.start()  # first: the Prefect server warms up while we start
         self.dicom.start()
         self.stability.start()
         ensure_token_file(self.settings)
@@ -260,5 +270,7 @@ class Node:
             self.app_context.extras["stopping"] = True
             self.http.stop()
         self.stability.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
         self.dicom.stop()
         self.db.dispose()

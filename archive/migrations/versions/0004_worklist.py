@@ -13,7 +13,7 @@ from alembic import op
 import archive.index
 
 revision: str = "0004_worklist"
-down_revision: str | None = "0002"
+down_revision: str | None = "0003_query"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
