@@ -295,3 +295,37 @@ def test_sent_alert_is_not_resent_after_a_restart(tmp_path: Path, restart_db: st
         )
         restarted.dispose()
     assert len(receiver.requests) == 1
+
+
+def test_delivery_state_is_shown_per_study(tmp_path: Path, node) -> None:
+    """``GET /api/worklist/{uid}`` says, per target, whether its alert went out."""
+    from fastapi.testclient import TestClient
+
+    from archive.config import HttpToken
+    from archive.http import AppContext, TokenBook, create_app
+
+    db, ingest, store = node
+    with WebhookReceiver(statuses=[500]) as receiver:
+        settings = settings_for(
+            tmp_path,
+            alert_webhooks=[WebhookTarget(name="pager", url=receiver.url)],
+            http_tokens=[HttpToken(name="reader", token="q" * 24, scopes=["read"])],
+        )
+        made = triaged_study(db, ingest, settings, probability=0.97)
+        deliver_due(db, settings, store)
+        ctx = AppContext(
+            settings=settings,
+            db=db,
+            file_store=store,
+            ingest=ingest,
+            tokens=TokenBook.from_settings(settings),
+        )
+        with TestClient(create_app(ctx)) as client:
+            item = client.get(
+                f"/api/worklist/{made.study_instance_uid}",
+                headers={"Authorization": f"Bearer {'q' * 24}"},
+            ).json()
+    (delivery,) = item["deliveries"]
+    assert delivery["channel"] == "webhook:pager"
+    assert (delivery["kind"], delivery["status"], delivery["attempts"]) == ("alert", "pending", 1)
+    assert delivery["last_error"] == "DeliveryError: webhook answered HTTP 500"
