@@ -23,8 +23,8 @@ import pytest
 
 from models.phantoms import write_head_ct
 from models.testing import make_bundle
-from tests.archive.test_alerts import WebhookReceiver
 from tests.peers import NodeProcess, storescu
+from tests.worklist_support import WebhookReceiver
 
 pytestmark = pytest.mark.network
 
