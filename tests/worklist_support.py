@@ -4,7 +4,9 @@ A study is ingested (synthetic CT slices), marked ready, its job claimed and
 started, a TID 1500 report is built with pipeline/report from a model result
 and stored into the study, the job is finished with the priority the policy
 assigns, and :func:`archive.followup.after_triage` runs, exactly as the triage
-flow does it. No mocks: what the worklist reads is what the flow writes.
+flow does it. No mocks: what the worklist reads is what the flow writes. Also
+the real receivers alerts go to in tests: a webhook HTTP server and an MLLP
+(HL7 v2) server on loopback.
 """
 
 from __future__ import annotations
