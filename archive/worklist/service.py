@@ -356,16 +356,22 @@ def change_reading_state(
             values.update(dismissed_by=who[:64], dismissed_at=now)
         else:
             values.update(opened_by=None, opened_at=None)
+        inserted = 0
         if current_text is None:
-            conn.execute(
-                _insert(db.dialect)(ReadingStatus.__table__).values(study_pk=study_pk, **values)
-            )
-        else:
-            conn.execute(
+            # The follow-up may create the row at the same moment: then update it instead.
+            inserted = conn.execute(
+                _insert(db.dialect)(ReadingStatus.__table__)
+                .values(study_pk=study_pk, **values)
+                .on_conflict_do_nothing(index_elements=["study_pk"])
+            ).rowcount
+        if not inserted:
+            changed = conn.execute(
                 update(ReadingStatus.__table__)
                 .where(ReadingStatus.study_pk == study_pk, ReadingStatus.reading_state == current)
                 .values(**values)
-            )
+            ).rowcount
+            if not changed:
+                raise TransitionError("the study's reading state changed meanwhile; reload")
     return current
 
 
