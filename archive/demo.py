@@ -46,6 +46,9 @@ REAL_CT_CANDIDATES = (
 )
 FINAL_STATES = {"triaged", "no_applicable_model", "failed"}
 CALLING_AE_TITLE = "DEMO_MODALITY"
+POSITIVE_SEED = 900_000
+NEGATIVE_SEED = 900_001
+"""Phantom seeds outside the shipped model's training, validation and test ranges."""
 
 
 @dataclass
@@ -102,11 +105,15 @@ def _studies(workdir: Path, real_ct: Path | None) -> list[DemoStudy]:
     studies = [
         DemoStudy(
             "synthetic head CT with hemorrhage",
-            write_head_ct(workdir / "positive", positive=True, seed=11, patient_id="DEMO-ICH-POS"),
+            write_head_ct(
+                workdir / "positive", positive=True, seed=POSITIVE_SEED, patient_id="DEMO-ICH-POS"
+            ),
         ),
         DemoStudy(
             "synthetic head CT without hemorrhage",
-            write_head_ct(workdir / "negative", positive=False, seed=12, patient_id="DEMO-ICH-NEG"),
+            write_head_ct(
+                workdir / "negative", positive=False, seed=NEGATIVE_SEED, patient_id="DEMO-ICH-NEG"
+            ),
         ),
     ]
     if real_ct is not None:
