@@ -185,6 +185,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    models_dirs: list[Path] = Field(default_factory=list)
+    """Extra folders of MONAI bundles, besides the shipped ones and ``<data_dir>/models``."""
+
+    model_device: str = "auto"
+    """Torch device models run on: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda:0``."""
+
     @classmethod
     def settings_customise_sources(
         cls,
