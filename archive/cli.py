@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     config = commands.add_parser("config", help="print the effective settings as JSON")
     config.set_defaults(func=_config)
+    from archive.cohort_cli import add_parser as add_cohort_parser
+
+    add_cohort_parser(commands)
     return parser
 
 
