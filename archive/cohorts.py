@@ -362,6 +362,7 @@ def select_from_csv(db: Database, text: str) -> list[SelectedStudy]:
             seen.add(matches[0][0])
             selected.append(SelectedStudy(matches[0][0], matches[0][1]))
     if problems:
+        problems.sort(key=lambda p: int(p.split(":", 1)[0].removeprefix("line ")))
         raise CohortSelectionError(f"{len(problems)} bad row(s) in the CSV:", problems)
     return selected
 
