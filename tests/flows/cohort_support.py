@@ -28,9 +28,7 @@ class Archive:
     @classmethod
     def create(cls, data_dir: Path, database_url: str | None = None, **settings: object) -> Archive:
         data_dir.mkdir(parents=True, exist_ok=True)
-        config = Settings(
-            data_dir=data_dir, database_url=database_url, fsync=False, **settings
-        )
+        config = Settings(data_dir=data_dir, database_url=database_url, fsync=False, **settings)
         db = Database(config.resolved_database_url, durable=False)
         db.upgrade()
         file_store = FileStore(data_dir, fsync=False)
@@ -72,14 +70,15 @@ class Archive:
             slices=slices,
             rows=rows,
         )
-        study_instance_uid = ""
         for path in files:
             data = path.read_bytes()
             result = self.ingest.store(data, calling_ae_title="TEST")
             assert result.ok, result
         import pydicom
 
-        study_instance_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        study_instance_uid = str(
+            pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        )
         return study_instance_uid
 
 

@@ -1,0 +1,325 @@
+"""The ``run_cohort`` flow against a real Prefect server, real MONAI bundles and synthetic CTs.
+
+Studies are stored through the real ingest path; the flow runs in-process or
+as a ``pacs-triage cohort run`` child process (SIGKILLed in the resume test);
+the lane test runs clinical triage through the real outbox and the real
+triage flow while a cohort runs in another process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import func, select
+
+from archive.cohort_export import results_rows
+from archive.cohorts import (
+    CohortError,
+    CohortItem,
+    StudyQuery,
+    create_cohort,
+    get_cohort,
+    select_studies,
+)
+from archive.index import Instance, ModelResultRecord, Series, Study, TriageJob
+from archive.prefect_server import ManagedPrefectServer
+from flows import runtime
+from models.registry import ModelRegistry
+from models.testing import make_bundle
+from pipeline.research import RESEARCH_SERIES_NUMBER
+from tests.dicom_factory import ct_dataset
+from tests.flows.cohort_support import Archive, cli
+
+MODEL = "ich"
+VERSION = "1.0"
+
+
+@pytest.fixture(scope="session")
+def cohort_prefect_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ManagedPrefectServer]:
+    """A real ``prefect server start`` shared by the cohort tests (and their child processes)."""
+    server = ManagedPrefectServer(tmp_path_factory.mktemp("prefect-cohort-home"))
+    server.start()
+    try:
+        if not server.wait():
+            pytest.fail(f"Prefect server did not start: {server.error}")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefect_api(cohort_prefect_server: ManagedPrefectServer) -> Iterator[str]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: cohort_prefect_server.api_url}):
+        yield cohort_prefect_server.api_url
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Archive]:
+    models_dir = tmp_path / "models"
+    make_bundle(models_dir, name=MODEL, version=VERSION, kind="intensity")
+    archive = Archive.create(tmp_path / "data", models_dirs=[models_dir])
+    yield archive
+    runtime.configure(None)
+    archive.db.dispose()
+
+
+def use_runtime(archive: Archive) -> ModelRegistry:
+    registry = ModelRegistry.discover(archive.settings.models_dirs)
+    runtime.configure(
+        runtime.TriageRuntime(
+            settings=archive.settings,
+            db=archive.db,
+            file_store=archive.file_store,
+            ingest=archive.ingest,
+            registry=registry,
+        )
+    )
+    return registry
+
+
+def new_cohort(archive: Archive, name: str, registry: ModelRegistry, **kwargs: object):  # type: ignore[no-untyped-def]
+    model = registry.get(MODEL, VERSION)
+    return create_cohort(
+        archive.db,
+        name,
+        model_name=MODEL,
+        model_version=VERSION,
+        weights_sha256=model.identity.weights_sha256,
+        selection={"kind": "query"},
+        studies=select_studies(archive.db, StudyQuery(modalities=("CT",))),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def add_corrupt_study(archive: Archive) -> str:
+    """A CT study whose slices differ in size: not one volume (stored, but cannot be analysed)."""
+    study_uid = pydicom.uid.generate_uid()
+    series_uid = pydicom.uid.generate_uid()
+    for number in range(1, 5):
+        ds = ct_dataset(
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            instance_number=number,
+            patient_id="BROKEN",
+            study_date="20260102",
+            rows=16 if number % 2 else 24,
+            columns=16 if number % 2 else 24,
+        )
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        assert archive.ingest.store(buffer.getvalue(), calling_ae_title="TEST").ok
+    return study_uid
+
+
+def count(archive: Archive, statement) -> int:  # type: ignore[no-untyped-def]
+    with archive.db.reader() as session:
+        return int(session.scalar(statement))
+
+
+def run_flow(name: str, **kwargs: object) -> dict:
+    from flows.cohort import run_cohort
+
+    return run_cohort(name, **kwargs)  # type: ignore[arg-type]
+
+
+class TestRunCohort:
+    def test_failing_study_is_recorded_while_the_rest_complete(
+        self, archive: Archive, prefect_api: str, tmp_path: Path
+    ) -> None:
+        good = [
+            archive.add_phantom(tmp_path / "w", seed, positive=seed % 2 == 0) for seed in range(4)
+        ]
+        broken = add_corrupt_study(archive)
+        registry = use_runtime(archive)
+        new_cohort(archive, "c1", registry)
+
+        summary = run_flow("c1", concurrency=2)
+
+        assert summary["status"] == "done"
+        assert summary["counts"] == {"done": 4, "failed": 1}
+        with archive.db.reader() as session:
+            failed = session.execute(
+                select(CohortItem.study_instance_uid, CohortItem.error).where(
+                    CohortItem.status == "failed"
+                )
+            ).one()
+        assert failed.study_instance_uid == broken
+        assert "inconsistent geometry" in failed.error
+        assert count(archive, select(func.count()).select_from(ModelResultRecord)) == 4
+        # One research SR per analysed study, in its own series, marked as research.
+        with archive.db.reader() as session:
+            research = session.execute(
+                select(Study.study_instance_uid, Series.series_description, Series.series_number)
+                .join(Series, Series.study_pk == Study.id)
+                .where(Series.modality == "SR")
+            ).all()
+        assert sorted(r.study_instance_uid for r in research) == sorted(good)
+        assert all(r.series_description.startswith("RESEARCH c1") for r in research)
+        assert all(r.series_number == RESEARCH_SERIES_NUMBER for r in research)
+        # Storing the SRs did not make any study look incomplete (no triage job).
+        assert count(archive, select(func.count()).select_from(TriageJob)) == 0
+        rows = results_rows(archive.db, "c1")
+        assert [r["status"] for r in rows].count("done") == 4
+        failed_row = next(r for r in rows if r["status"] == "failed")
+        assert failed_row["finding"] is None and "inconsistent geometry" in failed_row["error"]
+        assert all(0.0 <= r["probability"] <= 1.0 for r in rows if r["status"] == "done")
+
+    def test_done_studies_are_skipped_and_results_reused(
+        self, archive: Archive, prefect_api: str, tmp_path: Path
+    ) -> None:
+        for seed in range(3):
+            archive.add_phantom(tmp_path / "w", seed)
+        registry = use_runtime(archive)
+        new_cohort(archive, "first", registry, write_sr=False)
+        assert run_flow("first")["counts"] == {"done": 3}
+
+        again = run_flow("first")
+        assert again["processed"] == 0 and again["counts"] == {"done": 3}
+
+        new_cohort(archive, "second", registry, write_sr=False)
+        second = run_flow("second")
+        assert second["counts"] == {"done": 3}
+        with archive.db.reader() as session:
+            cached = session.scalars(
+                select(CohortItem.cached)
+                .where(CohortItem.cohort_id == get_cohort(archive.db, "second").id)
+                .order_by(CohortItem.position)
+            ).all()
+        assert cached == [True, True, True]
+        assert count(archive, select(func.count()).select_from(ModelResultRecord)) == 3
+        assert count(archive, select(func.count()).where(Series.modality == "SR")) == 0
+
+    def test_study_without_a_matching_series_is_skipped(
+        self, archive: Archive, prefect_api: str, tmp_path: Path
+    ) -> None:
+        archive.add_phantom(tmp_path / "w", 1)
+        make_bundle(
+            archive.settings.models_dirs[0], name="mr-only", version="2", rule={"modality": ["MR"]}
+        )
+        registry = use_runtime(archive)
+        model = registry.get("mr-only", "2")
+        create_cohort(
+            archive.db,
+            "mr",
+            model_name="mr-only",
+            model_version="2",
+            weights_sha256=model.identity.weights_sha256,
+            selection={},
+            studies=select_studies(archive.db, StudyQuery()),
+        )
+        assert run_flow("mr")["counts"] == {"skipped": 1}
+        rows = results_rows(archive.db, "mr")
+        assert rows[0]["status"] == "skipped"
+        assert "no series matches the selection rule of model mr-only 2" in rows[0]["error"]
+
+    def test_other_weights_than_at_creation_are_refused(
+        self, archive: Archive, prefect_api: str, tmp_path: Path
+    ) -> None:
+        archive.add_phantom(tmp_path / "w", 1)
+        use_runtime(archive)
+        create_cohort(
+            archive.db,
+            "stale",
+            model_name=MODEL,
+            model_version=VERSION,
+            weights_sha256="f" * 64,
+            selection={},
+            studies=select_studies(archive.db, StudyQuery()),
+        )
+        with pytest.raises(CohortError, match=r"has other weights .* than when the cohort was"):
+            run_flow("stale")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+class TestResume:
+    def test_killed_run_resumes_with_no_study_twice_and_none_missed(
+        self, archive: Archive, cohort_prefect_server: ManagedPrefectServer, tmp_path: Path
+    ) -> None:
+        studies = [archive.add_phantom(tmp_path / "w", seed, rows=48) for seed in range(16)]
+        registry = ModelRegistry.discover(archive.settings.models_dirs)
+        info = new_cohort(archive, "resume", registry, write_sr=True)
+        env = archive.env(
+            PREFECT_API_URL=cohort_prefect_server.api_url,
+            PACS_TRIAGE_COHORT_STALE_RUN_SECONDS="1",
+        )
+
+        def done() -> int:
+            return count(
+                archive,
+                select(func.count()).where(
+                    CohortItem.cohort_id == info.id, CohortItem.status == "done"
+                ),
+            )
+
+        first = subprocess.Popen(
+            cli("cohort", "run", "resume", "--quiet"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            assert wait_until(lambda: done() >= 3, 120, 0.02), first.stdout.read().decode()  # type: ignore[union-attr]
+            os.killpg(first.pid, signal.SIGKILL)
+        finally:
+            first.wait()
+        killed_at = done()
+        assert killed_at < len(studies), "the run finished before it could be killed"
+
+        time.sleep(1.2)  # the dead run's heartbeat goes stale
+        second = subprocess.run(
+            cli("cohort", "run", "resume", "--quiet"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert second.returncode == 0, second.stdout + second.stderr
+        summary = json.loads(second.stdout.strip().splitlines()[-1])
+        assert summary["counts"] == {"done": len(studies)}
+        assert summary["processed"] == len(studies) - killed_at
+
+        with archive.db.reader() as session:
+            attempts = session.execute(
+                select(CohortItem.study_instance_uid, CohortItem.attempts).where(
+                    CohortItem.cohort_id == info.id
+                )
+            ).all()
+            results = session.execute(
+                select(ModelResultRecord.study_pk, func.count()).group_by(
+                    ModelResultRecord.study_pk
+                )
+            ).all()
+            reports = session.scalar(
+                select(func.count())
+                .select_from(Instance)
+                .join(Series)
+                .where(Series.modality == "SR")
+            )
+        # None missed, none processed twice: one result and one research SR per study;
+        # only the studies in flight when the run died were claimed a second time.
+        assert sorted(uid for uid, _ in attempts) == sorted(studies)
+        assert len(results) == len(studies) and all(n == 1 for _, n in results)
+        assert reports == len(studies)
+        assert sum(1 for _, n in attempts if n > 1) <= 1  # concurrency 1
