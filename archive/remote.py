@@ -330,6 +330,8 @@ def pull_studies(
     selected = [SelectedStudy(present[uid], uid) for uid in arrived if uid in present]
     if not selected:
         raise CohortSelectionError(
-            f"remote {remote.ae_title}: {len(found)} studies matched but none arrived here"
+            f"remote {remote.ae_title}: {len(found)} studies matched but none arrived here "
+            f"(does it know {destination_ae_title!r} as a move destination, with this node's "
+            "host and port?)"
         )
     return selected, outcomes

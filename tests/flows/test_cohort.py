@@ -25,6 +25,7 @@ from archive.cohort_export import results_rows
 from archive.cohorts import (
     CohortError,
     CohortItem,
+    CohortSelectionError,
     StudyQuery,
     create_cohort,
     get_cohort,
@@ -33,6 +34,7 @@ from archive.cohorts import (
 from archive.index import Instance, ModelResultRecord, Series, Study, TriageJob
 from archive.prefect_server import ManagedPrefectServer
 from flows import runtime
+from models.phantoms import write_head_ct
 from models.registry import ModelRegistry
 from models.testing import make_bundle
 from pipeline.research import RESEARCH_SERIES_NUMBER
@@ -323,3 +325,98 @@ class TestResume:
         assert len(results) == len(studies) and all(n == 1 for _, n in results)
         assert reports == len(studies)
         assert sum(1 for _, n in attempts if n > 1) <= 1  # concurrency 1
+
+
+class TestRemoteCohort:
+    def test_cohort_pulled_from_orthanc(
+        self, archive: Archive, tmp_path: Path, dcmtk: None
+    ) -> None:
+        from archive.config import RemoteAE
+        from archive.remote import move_studies, pull_studies
+        from tests.peers import NodeProcess, OrthancPeer, storescu
+
+        dates = {"old": "20240101", "mid": "20250601", "new": "20260101"}
+        files = {
+            key: write_head_ct(
+                tmp_path / "remote" / key,
+                positive=False,
+                seed=100 + n,
+                patient_id=f"REMOTE{n}",
+                study_date=date,
+                slices=6,
+                rows=32,
+            )
+            for n, (key, date) in enumerate(dates.items())
+        }
+        node = NodeProcess(
+            archive.settings.data_dir,
+            env={
+                "PACS_TRIAGE_DATABASE_URL": archive.settings.resolved_database_url,
+                "PACS_TRIAGE_TRIAGE_ENABLED": "false",
+                "PACS_TRIAGE_DICOM_WORKERS": "1",
+                "PACS_TRIAGE_FSYNC": "false",
+            },
+        )
+        with node:
+            orthanc = OrthancPeer(
+                modalities={"pacs": ("PACS_TRIAGE", "127.0.0.1", node.dicom_port)}
+            )
+            with orthanc:
+                for paths in files.values():
+                    sent = storescu(orthanc.dicom_port, paths, called="ORTHANC")
+                    assert sent.returncode == 0, sent.stderr
+                remote = RemoteAE(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
+
+                selected, outcomes = pull_studies(
+                    archive.db,
+                    remote,
+                    StudyQuery(modalities=("CT",), study_date_from="20250101"),
+                    calling_ae_title="PACS_TRIAGE",
+                    destination_ae_title="PACS_TRIAGE",
+                    interval_seconds=0.1,
+                )
+                # A remote that does not know the destination: a failure status per study
+                # (Orthanc answers C000), and pull_studies says what to check.
+                refused = move_studies(
+                    remote,
+                    [selected[0].study_instance_uid],
+                    calling_ae_title="PACS_TRIAGE",
+                    destination_ae_title="NOBODY",
+                )
+                assert not refused[0].ok and refused[0].completed == 0
+                with pytest.raises(CohortSelectionError, match="none arrived here"):
+                    pull_studies(
+                        archive.db,
+                        remote,
+                        StudyQuery(study_date_from="20250101"),
+                        calling_ae_title="PACS_TRIAGE",
+                        destination_ae_title="NOBODY",
+                    )
+
+        expected = {
+            str(pydicom.dcmread(files[k][0], stop_before_pixels=True).StudyInstanceUID)
+            for k in ("mid", "new")
+        }
+        assert {s.study_instance_uid for s in selected} == expected
+        assert all(o.ok and o.completed == 6 for o in outcomes)
+        with archive.db.reader() as session:
+            stored = dict(
+                session.execute(
+                    select(Study.study_instance_uid, func.count(Instance.id))
+                    .join(Series, Series.study_pk == Study.id)
+                    .join(Instance, Instance.series_pk == Series.id)
+                    .group_by(Study.study_instance_uid)
+                ).all()
+            )
+        assert stored == dict.fromkeys(expected, 6)  # the old study was not pulled
+        registry = ModelRegistry.discover(archive.settings.models_dirs)
+        info = create_cohort(
+            archive.db,
+            "remote",
+            model_name=MODEL,
+            model_version=VERSION,
+            weights_sha256=registry.get(MODEL, VERSION).identity.weights_sha256,
+            selection={"kind": "remote", "remote": "ORTHANC"},
+            studies=selected,
+        )
+        assert info.total == 2
