@@ -210,6 +210,9 @@ def _parse_uid(value: str, keyword: str) -> str:
 def _include_routers(app: FastAPI) -> None:
     """Routers owned by other modules; each adds its routes under its own prefix."""
     app.include_router(_api_router())
+    from archive.cohort_api import router as cohort_router
+
+    app.include_router(cohort_router())
 
 
 def _api_router():  # type: ignore[no-untyped-def]
