@@ -515,3 +515,27 @@ class TestLane:
             f"clinical time-to-triage {time_to_triage:.2f} s with the cohort at "
             f"{done_when_triaged}/30; cohort yielded {summary['yield_seconds']:.2f} s"
         )
+
+
+class TestDistributed:
+    def test_submitted_run_waits_on_the_cohort_queue_behind_triage(
+        self, archive: Archive, prefect_api: str
+    ) -> None:
+        from prefect import get_client
+
+        from archive.cohort_runner import submit
+
+        settings = archive.settings.model_copy(update={"prefect_work_pool": "cohort-test-pool"})
+        run_id = submit(settings, "some-cohort", concurrency=2)
+
+        async def read() -> tuple[object, dict[str, int]]:
+            async with get_client() as client:
+                run = await client.read_flow_run(run_id)
+                queues = await client.read_work_queues(work_pool_name="cohort-test-pool")
+                return run, {q.name: q.priority for q in queues}
+
+        run, priorities = asyncio.run(read())
+        assert run.work_queue_name == "cohort"  # type: ignore[attr-defined]
+        assert run.parameters["cohort_name"] == "some-cohort"  # type: ignore[attr-defined]
+        assert run.state.is_scheduled()  # type: ignore[attr-defined]
+        assert priorities["triage"] < priorities["cohort"]
