@@ -299,11 +299,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(str(exc))
     finally:
         db.dispose()
+    if args.submit and not settings.resolved_prefect_api_url:
+        return _fail("--submit needs a Prefect server (PREFECT_API_URL or prefect_api_url)")
     with cohort_runner.prefect_api(settings) as api_url:
         _quiet_libraries()
         if args.submit:
-            if not settings.resolved_prefect_api_url:
-                return _fail("--submit needs a Prefect server (PREFECT_API_URL or prefect_api_url)")
             run_id = cohort_runner.submit(
                 settings, args.name, concurrency=args.concurrency, write_sr=args.write_sr
             )

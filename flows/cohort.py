@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -119,7 +120,11 @@ def analyse_study(cohort: CohortInfo, item: ClaimedItem, write_sr: bool) -> str:
 
 
 class _Lane:
-    """Waits while clinical triage has work (clinical first), keeping the run's heartbeat."""
+    """Waits while clinical triage has work (clinical first); keeps the run's heartbeat.
+
+    The heartbeat is a thread, so a long study does not make the run look dead
+    to another run that would take the cohort over.
+    """
 
     def __init__(self, cohort: CohortInfo, run_id: str) -> None:
         rt = runtime.current()
@@ -127,17 +132,34 @@ class _Lane:
         self.settings = rt.settings
         self.cohort = cohort
         self.run_id = run_id
-        self.last_beat = time.monotonic()
         self.waited_seconds = 0.0
+        self.taken_over = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="cohort-heartbeat", daemon=True)
 
-    def beat(self) -> None:
-        if time.monotonic() - self.last_beat >= HEARTBEAT_SECONDS:
-            if not heartbeat(self.db, self.cohort.id, self.run_id):
-                raise CohortError(f"cohort {self.cohort.name!r} was taken over by another run")
-            self.last_beat = time.monotonic()
+    def __enter__(self) -> _Lane:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                if not heartbeat(self.db, self.cohort.id, self.run_id):
+                    self.taken_over = True
+                    return
+            except Exception:
+                logger.exception("cohort %s: heartbeat failed", self.cohort.name)
+
+    def check(self) -> None:
+        if self.taken_over:
+            raise CohortError(f"cohort {self.cohort.name!r} was taken over by another run")
 
     def wait_for_clinical(self) -> None:
-        if not getattr(self.settings, "cohort_yield_to_triage", True):
+        if not self.settings.cohort_yield_to_triage:
             return
         started = time.monotonic()
         announced = False
@@ -152,7 +174,7 @@ class _Lane:
                     "cohort %s yields to %d clinical triage job(s)", self.cohort.name, waiting
                 )
                 announced = True
-            self.beat()
+            self.check()
             time.sleep(self.settings.cohort_yield_poll_seconds)
         self.waited_seconds += time.monotonic() - started
 
@@ -244,20 +266,21 @@ def run_cohort(
                     rt.db, item.id, ItemOutcome(CohortItemStatusValues.FAILED, error=reason)
                 )
 
-    while max_studies is None or processed < max_studies:
-        while len(in_flight) >= workers:
+    with lane:
+        while max_studies is None or processed < max_studies:
+            while len(in_flight) >= workers:
+                reap(block=True)
+            reap(block=False)
+            lane.wait_for_clinical()
+            lane.check()
+            item = claim_next_item(rt.db, cohort.id)
+            if item is None:
+                break
+            future = analyse_study.submit(cohort, item, write)
+            in_flight[future.wrapped_future] = (future, item)
+            processed += 1
+        while in_flight:
             reap(block=True)
-        reap(block=False)
-        lane.wait_for_clinical()
-        lane.beat()
-        item = claim_next_item(rt.db, cohort.id)
-        if item is None:
-            break
-        future = analyse_study.submit(cohort, item, write)
-        in_flight[future.wrapped_future] = (future, item)
-        processed += 1
-    while in_flight:
-        reap(block=True)
 
     status = end_run(rt.db, cohort.id, run_id)
     final = get_cohort(rt.db, cohort.name)
