@@ -41,6 +41,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    import os
+
+    from archive.dispatch import worker_command
+
+    settings = Settings()
+    argv, env = worker_command(settings, limit=args.limit)
+    os.execve(argv[0], argv, env)  # the Prefect worker replaces this process
+    return 1
+
+
 def _config(args: argparse.Namespace) -> int:
     settings = Settings()
     print(settings.model_dump_json(indent=2))
@@ -55,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run a node (DICOM and HTTP services)")
     serve.set_defaults(func=_serve)
+    worker = commands.add_parser(
+        "worker", help="run a Prefect worker for triage runs (distributed mode, PREFECT_API_URL)"
+    )
+    worker.add_argument("--limit", type=int, default=None, help="flow runs at once")
+    worker.set_defaults(func=_worker)
     config = commands.add_parser("config", help="print the effective settings as JSON")
     config.set_defaults(func=_config)
     from archive.cohort_cli import add_parser as add_cohort_parser

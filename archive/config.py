@@ -75,6 +75,49 @@ class RemoteAE(BaseModel):
     port: int = Field(gt=0, lt=65536)
 
 
+class WebhookTarget(BaseModel):
+    """An alert receiver reached by HTTP POST of a JSON body (see README "Alerts")."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str = Field(pattern=r"^https?://")
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Extra request headers, e.g. an ``Authorization`` the receiver expects."""
+    include_patient_data: bool = False
+    """Put Patient ID and Patient's Name into the message (never into logs)."""
+
+
+class Hl7Target(BaseModel):
+    """An HL7 v2 receiver (a RIS) reached over MLLP; alerts go as ORU^R01 messages."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    sending_application: str = "PACS_TRIAGE"
+    sending_facility: str = ""
+    receiving_application: str = "RIS"
+    receiving_facility: str = ""
+    include_patient_data: bool = True
+    """Fill PID-3/PID-5 (a RIS needs them to file the result)."""
+
+
+class ForwardDestination(RemoteAE):
+    """A DICOM AE (the hospital PACS) that receives the AI results by C-STORE."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    include_study: bool = False
+    """Also send the study's images, not only the SR and key image."""
+
+
+class DicomwebDestination(BaseModel):
+    """A DICOMweb service that receives the AI results by STOW-RS (PS3.18 10.5)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str = Field(pattern=r"^https?://")
+    """Base URL of the service (``.../dicom-web``); ``/studies`` is appended."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    include_study: bool = False
+
+
 class TokenScopeValues(StrEnum):
     """What an HTTP bearer token may do."""
 
@@ -216,6 +259,41 @@ class Settings(BaseSettings):
 
     cors_origins: list[str] = Field(default_factory=list)
     """Origins allowed to call the HTTP API from a browser (CORS), e.g. a web viewer."""
+
+    alert_priority_classes: list[str] = Field(default_factory=lambda: ["STAT"])
+    """Triage priority classes that raise an alert (STAT, URGENT, ROUTINE)."""
+
+    alert_webhooks: list[WebhookTarget] = Field(default_factory=list)
+    """Webhook receivers of critical-finding alerts."""
+
+    alert_hl7: list[Hl7Target] = Field(default_factory=list)
+    """HL7 v2 (MLLP) receivers of critical-finding alerts."""
+
+    key_image_enabled: bool = True
+    """Store a Secondary Capture of the key image with the finding marked in the study."""
+
+    forward_destinations: list[ForwardDestination] = Field(default_factory=list)
+    """DICOM AEs that receive the SR and key image (C-STORE) after triage."""
+
+    forward_dicomweb: list[DicomwebDestination] = Field(default_factory=list)
+    """DICOMweb services that receive the SR and key image (STOW-RS) after triage."""
+
+    delivery_max_attempts: int = Field(default=10, ge=1)
+    """Attempts per alert or forward before it is marked failed."""
+
+    delivery_backoff_seconds: float = Field(default=2.0, gt=0)
+    """Wait before the first retry; doubles per attempt up to ``delivery_backoff_max_seconds``."""
+
+    delivery_backoff_max_seconds: float = Field(default=300.0, gt=0)
+
+    delivery_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Connect/read timeout of one delivery attempt."""
+
+    worklist_url: str | None = None
+    """The worklist page's address as others reach it (put into alerts); default from http_*."""
+
+    worklist_poll_seconds: float = Field(default=1.0, gt=0)
+    """How often the live worklist checks the index for changes."""
 
     log_level: str = "INFO"
 

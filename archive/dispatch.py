@@ -25,6 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +36,9 @@ from typing import Any
 
 from archive.config import Settings
 from archive.db import Database
+from archive.ingest import Ingest
 from archive.prefect_server import ManagedPrefectServer
+from archive.store import FileStore
 from archive.triage import (
     ClaimedJob,
     TriageOutcome,
@@ -57,9 +62,20 @@ QUEUE_PRIORITIES = {TRIAGE_QUEUE: 1, COHORT_QUEUE: 10}
 class EmbeddedRunner:
     """Runs the flow in this process against the managed Prefect server."""
 
-    def __init__(self, settings: Settings, server: ManagedPrefectServer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        server: ManagedPrefectServer,
+        *,
+        db: Database | None = None,
+        file_store: FileStore | None = None,
+        ingest: Ingest | None = None,
+    ) -> None:
         self.settings = settings
         self.server = server
+        self.db = db
+        self.file_store = file_store
+        self.ingest = ingest
         self._configured = False
         self._lock = threading.Lock()
 
@@ -72,7 +88,11 @@ class EmbeddedRunner:
                 return
             from flows import runtime
 
-            runtime.configure(runtime.TriageRuntime.from_settings(self.settings))
+            runtime.configure(
+                runtime.TriageRuntime.from_settings(
+                    self.settings, db=self.db, file_store=self.file_store, ingest=self.ingest
+                )
+            )
             self._configured = True
 
     def __call__(self, job: ClaimedJob) -> None:
@@ -220,14 +240,28 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def for_settings(cls, settings: Settings, db: Database) -> Dispatcher:
-        """The dispatcher of the mode the settings select (see the module docstring)."""
+    def for_settings(
+        cls,
+        settings: Settings,
+        db: Database,
+        *,
+        file_store: FileStore | None = None,
+        ingest: Ingest | None = None,
+    ) -> Dispatcher:
+        """The dispatcher of the mode the settings select (see the module docstring).
+
+        In embedded mode the flow runs share the node's `db`, `file_store` and `ingest`.
+        """
         api_url = settings.resolved_prefect_api_url
         if api_url:
             logger.info("triage: distributed mode, Prefect API %s", api_url)
             return cls(settings, db, DistributedRunner(settings, api_url), holds_slot=False)
         server = ManagedPrefectServer(settings.data_dir / "prefect")
-        return cls(settings, db, EmbeddedRunner(settings, server))
+        return cls(
+            settings,
+            db,
+            EmbeddedRunner(settings, server, db=db, file_store=file_store, ingest=ingest),
+        )
 
     def start(self) -> None:
         start = getattr(self.runner, "start", None)
@@ -309,3 +343,45 @@ class Dispatcher:
                 requeue_job(self.db, job)
         except Exception:
             logger.exception("could not record the failed job %d; its lease will expire", job.id)
+
+
+WORKER_QUERY_SECONDS = "1"
+"""How often an idle worker asks for runs (Prefect's default, 10 s, would add to time to triage)."""
+
+
+def worker_command(
+    settings: Settings, *, limit: int | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The ``prefect worker start`` command line and environment of a triage worker.
+
+    The worker serves the work pool's queues in priority order (``triage``
+    before ``cohort``) and runs each flow in a new process that reads the same
+    ``PACS_TRIAGE_*`` settings as the node, so it must see the same index and
+    file store.
+    """
+    api_url = settings.resolved_prefect_api_url
+    if not api_url:
+        raise ValueError("a worker needs a Prefect server: set PREFECT_API_URL (distributed mode)")
+    prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
+    argv = [
+        prefect,
+        "worker",
+        "start",
+        "--pool",
+        settings.prefect_work_pool,
+        "--type",
+        "process",
+        "--limit",
+        str(limit or settings.triage_concurrency),
+    ]
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", WORKER_QUERY_SECONDS)
+    return argv, env

@@ -210,6 +210,12 @@ def _parse_uid(value: str, keyword: str) -> str:
 def _include_routers(app: FastAPI) -> None:
     """Routers owned by other modules; each adds its routes under its own prefix."""
     app.include_router(_api_router())
+    from archive import dicomweb
+
+    app.include_router(dicomweb.router())
+    from archive.worklist.api import router as worklist_router
+
+    app.include_router(worklist_router())
     from archive.cohort_api import router as cohort_router
 
     app.include_router(cohort_router())
@@ -301,6 +307,7 @@ class HttpService:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            timeout_graceful_shutdown=5,
         )
         server = uvicorn.Server(config)
         # The node owns the signals; uvicorn must not install handlers in a thread.

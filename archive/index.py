@@ -144,7 +144,10 @@ class Series(Base):
     """Series level (PS3.4 C.6.2.1.3)."""
 
     __tablename__ = "series"
-    __table_args__ = (Index("ix_series_study_pk", "study_pk"),)
+    __table_args__ = (
+        Index("ix_series_study_pk", "study_pk"),
+        Index("ix_series_modality", "modality"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(
@@ -334,3 +337,95 @@ class ModelResultRecord(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     study: Mapped[Study] = relationship()
+
+
+class ReadingStatus(Base):
+    """Where the radiologists stand with a study: unread, opened, reported or dismissed.
+
+    One row per study that has been shown on the worklist (a study without a
+    row is unread). It also holds what the worklist displays of the AI result
+    (the findings summary read back from the study's newest SR, and the key
+    image stored for it), so the list never parses an SR per request.
+    """
+
+    __tablename__ = "reading_status"
+    __table_args__ = (Index("ix_reading_status_state", "reading_state"),)
+
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), primary_key=True)
+    reading_state: Mapped[str] = mapped_column(
+        String(16), default="unread", comment="unread, opened, reported or dismissed"
+    )
+    opened_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    reported_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    dismissed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    dismissed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    findings_summary: Mapped[str | None] = mapped_column(
+        Text, nullable=True, comment="JSON list of findings of the newest SR (finding, model...)"
+    )
+    summary_generation: Mapped[int | None] = mapped_column(
+        Integer, nullable=True, comment="triage generation the summary was read for"
+    )
+    key_image_sop_instance_uid: Mapped[str | None] = mapped_column(
+        String(64), nullable=True, comment="(0008,0018) SOPInstanceUID UI of the stored key image"
+    )
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    study: Mapped[Study] = relationship()
+
+
+class AiFeedback(Base):
+    """A radiologist's verdict on the AI result of a study, kept for quality monitoring."""
+
+    __tablename__ = "ai_feedback"
+    __table_args__ = (Index("ix_ai_feedback_study_pk", "study_pk"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"))
+    generation: Mapped[int] = mapped_column(Integer, comment="triage generation judged")
+    verdict: Mapped[str] = mapped_column(String(16), comment="agree or disagree")
+    finding: Mapped[str | None] = mapped_column(
+        String(128), nullable=True, comment="the finding judged (CodeMeaning), or all"
+    )
+    model_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    priority_class: Mapped[str | None] = mapped_column(
+        String(16), nullable=True, comment="the AI's priority class at the time of the verdict"
+    )
+    comment: Mapped[str] = mapped_column(Text, default="")
+    given_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DeliveryOutbox(Base):
+    """Messages the node owes to the outside world: alerts and forwarded results.
+
+    One row per (study, generation, channel), written when the triage result is
+    known, so a restart neither loses nor doubles a message; the sender marks
+    a row ``sent`` once the receiver acknowledged it, retrying with backoff
+    until then (``attempts``, ``next_attempt_at``).
+    """
+
+    __tablename__ = "delivery_outbox"
+    __table_args__ = (
+        UniqueConstraint("study_pk", "generation", "channel", name="uq_delivery_outbox_channel"),
+        Index("ix_delivery_outbox_due", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"))
+    generation: Mapped[int] = mapped_column(Integer)
+    channel: Mapped[str] = mapped_column(
+        String(160), comment="<kind>:<target name>, e.g. webhook:ris, hl7:ris, dimse:pacs"
+    )
+    kind: Mapped[str] = mapped_column(String(16), comment="alert or forward")
+    status: Mapped[str] = mapped_column(
+        String(16), comment="pending, sending, sent or failed (DeliveryStatusValues)"
+    )
+    payload: Mapped[str] = mapped_column(Text, comment="JSON: what to send (UIDs, finding text)")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -31,6 +31,7 @@ from archive.dimse_worker import CHANNEL_FD_ENV, SETTINGS_ENV, WORKER_INDEX_ENV
 from archive.dispatch import Dispatcher
 from archive.http import AppContext, HttpService, TokenBook, create_app, ensure_token_file
 from archive.ingest import Ingest
+from archive.outbox import DeliveryService
 from archive.scp import tune_socket
 from archive.stability import DeliveryTracker, StabilityMonitor
 from archive.store import FileStore
@@ -225,12 +226,15 @@ class Node:
             quiet_seconds=settings.stable_after_seconds,
             release_quiet_seconds=settings.stable_after_release_seconds,
         )
-        self.dispatcher: Dispatcher | None = None
-        if settings.triage_enabled:
-            self.dispatcher = Dispatcher.for_settings(settings, self.db)
-            self.stability.on_ready.append(self.dispatcher.wake)
         self.ingest = Ingest(self.db, self.file_store, settings.duplicate_policy)
         self.http: HttpService | None = None
+        self.dispatcher: Dispatcher | None = None
+        if settings.triage_enabled:
+            self.dispatcher = Dispatcher.for_settings(
+                settings, self.db, file_store=self.file_store, ingest=self.ingest
+            )
+            self.stability.on_ready.append(self.dispatcher.wake)
+        self.delivery = DeliveryService(self.db, settings, self.file_store)
 
     def _association_report(self, report: dict[str, Any]) -> None:
         self.deliveries.report(report)
@@ -257,10 +261,13 @@ class Node:
         )
         self.http = HttpService(self.settings, create_app(self.app_context))
         self.http.start()
+        self.delivery.start()
 
     def stop(self) -> None:
         """Stop every service and release the index."""
+        self.delivery.stop()
         if self.http is not None:
+            self.app_context.extras["stopping"] = True
             self.http.stop()
         self.stability.stop()
         if self.dispatcher is not None:

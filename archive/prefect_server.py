@@ -84,6 +84,21 @@ def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def drain_prefect_client(timeout: float = 5.0) -> None:
+    """Send this process's queued Prefect logs and events now (before the server goes away).
+
+    Without it, the client retries against a stopped server at interpreter exit.
+    """
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout)
+
+
 class ManagedPrefectServer:
     """One ``prefect server start`` child, started once, stopped with the node.
 
@@ -171,6 +186,7 @@ class ManagedPrefectServer:
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        drain_prefect_client()
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout)

@@ -22,7 +22,15 @@ from typing import Any
 from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import (
     AssociationSocket,
     RequestHandler,
@@ -32,6 +40,7 @@ from pynetdicom.transport import (
 from archive import handlers
 from archive.config import Settings
 from archive.ingest import Ingest
+from archive.query import InformationModelValues
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +57,39 @@ REJECT_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
 REASON_CALLING_AE_NOT_RECOGNIZED = 0x03
 
+# C-GET/C-MOVE send stored files by path: the data set bytes go out as stored.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+QUERY_MODELS: dict[str, InformationModelValues] = {
+    PatientRootQueryRetrieveInformationModelFind: InformationModelValues.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelMove: InformationModelValues.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelGet: InformationModelValues.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: InformationModelValues.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: InformationModelValues.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: InformationModelValues.STUDY_ROOT,
+}
+"""The Query/Retrieve SOP Classes the node supports and their information models (PS3.4 C.6)."""
+
+_send_c_store = Association.send_c_store
+
+
+def send_stored_bytes(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+    """``Association.send_c_store`` that sends a :class:`handlers.StoredInstance` from its file.
+
+    pynetdicom's C-GET and C-MOVE service loops accept only a Dataset from the
+    handler and would re-encode it; a stored instance must leave byte for byte
+    as it was received, so its file is handed to ``send_c_store`` by path (with
+    ``STORE_SEND_CHUNKED_DATASET``, pynetdicom streams the file's data set
+    without decoding it).
+    """
+    if isinstance(dataset, handlers.StoredInstance):
+        dataset = dataset.stored_path
+    return _send_c_store(self, dataset, *args, **kwargs)
+
+
+Association.send_c_store = send_stored_bytes  # type: ignore[method-assign]
 
 CallerPolicy = Callable[[str, str], bool]
 
@@ -157,12 +198,29 @@ ReportCallback = Callable[[dict[str, Any]], None]
 
 
 def event_handlers(
-    ingest: Ingest, on_report: ReportCallback | None = None
+    ingest: Ingest, on_report: ReportCallback | None = None, settings: Settings | None = None
 ) -> list[tuple[Any, Callable[..., Any]]]:
     """Every DIMSE event handler of the node, bound to its dependencies."""
+    settings = settings or Settings()
+    db, file_store = ingest.db, ingest.file_store
     bindings: list[tuple[Any, Callable[..., Any]]] = [
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, partial(handlers.handle_store, ingest=ingest, on_report=on_report)),
+        (evt.EVT_C_FIND, partial(handlers.handle_find, db=db, models=QUERY_MODELS)),
+        (
+            evt.EVT_C_GET,
+            partial(handlers.handle_get, db=db, file_store=file_store, models=QUERY_MODELS),
+        ),
+        (
+            evt.EVT_C_MOVE,
+            partial(
+                handlers.handle_move,
+                db=db,
+                file_store=file_store,
+                settings=settings,
+                models=QUERY_MODELS,
+            ),
+        ),
     ]
     if on_report is not None:
         bindings.append(
@@ -182,6 +240,8 @@ def build_ae(settings: Settings) -> AE:
     ae.require_called_aet = False
     ae.caller_policy = settings.caller_allowed  # read by AllowListACSE
     ae.add_supported_context(Verification)
+    for sop_class in QUERY_MODELS:
+        ae.add_supported_context(sop_class)
     return ae
 
 
@@ -194,7 +254,7 @@ def make_handoff_server(
         (settings.dicom_host, settings.dicom_port),
         ae.ae_title,
         ae.supported_contexts,
-        evt_handlers=event_handlers(ingest, on_report),
+        evt_handlers=event_handlers(ingest, on_report, settings),
         request_handler=TunedRequestHandler,
     )
     server.socket.close()  # created by TCPServer, never bound
@@ -212,7 +272,7 @@ def start_listening_server(
         (settings.dicom_host, settings.dicom_port),
         ae.ae_title,
         ae.supported_contexts,
-        evt_handlers=event_handlers(ingest, on_report),
+        evt_handlers=event_handlers(ingest, on_report, settings),
         request_handler=TunedRequestHandler,
     )
     ae._servers.append(server)

@@ -317,3 +317,22 @@ def requeue_job(db: Database, job: ClaimedJob) -> bool:
             .values(status=JobStatusValues.PENDING.value, lease_expires_at=None)
         )
     return bool(result.rowcount)
+
+
+def close_superseded_job(db: Database, job: ClaimedJob, now: datetime | None = None) -> None:
+    """Close a job whose study became ready again before it ran (the newer job analyses it)."""
+    table = TriageJob.__table__
+    with db.write_connection() as conn:
+        conn.execute(
+            update(table)
+            .where(table.c.id == job.id)
+            .values(
+                status=JobStatusValues.DONE.value,
+                finished_at=now or utcnow(),
+                error="superseded by a newer generation before it started",
+                lease_expires_at=None,
+            )
+        )
+    logger.info(
+        "study %s generation %d superseded before analysis", job.study_instance_uid, job.generation
+    )

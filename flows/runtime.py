@@ -54,15 +54,22 @@ class TriageRuntime:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, registry: ModelCatalogue | None = None
+        cls,
+        settings: Settings,
+        registry: ModelCatalogue | None = None,
+        *,
+        db: Database | None = None,
+        file_store: FileStore | None = None,
+        ingest: Ingest | None = None,
     ) -> TriageRuntime:
-        db = Database(settings.resolved_database_url, durable=settings.fsync)
-        file_store = FileStore(settings.data_dir, fsync=settings.fsync)
+        """Open the archive the settings name (or use the node's own handles where given)."""
+        db = db or Database(settings.resolved_database_url, durable=settings.fsync)
+        file_store = file_store or FileStore(settings.data_dir, fsync=settings.fsync)
         return cls(
             settings=settings,
             db=db,
             file_store=file_store,
-            ingest=Ingest(db, file_store, settings.duplicate_policy),
+            ingest=ingest or Ingest(db, file_store, settings.duplicate_policy),
             registry=registry if registry is not None else discover_models(settings),
         )
 

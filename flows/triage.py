@@ -43,7 +43,14 @@ from archive.analysis import (
     store_report,
 )
 from archive.results import RecordedResult
-from archive.triage import ClaimedJob, TriageOutcome, TriageStateValues, finish_job, start_analysis
+from archive.triage import (
+    ClaimedJob,
+    TriageOutcome,
+    TriageStateValues,
+    close_superseded_job,
+    finish_job,
+    start_analysis,
+)
 from flows import runtime
 from pipeline.findings import ModelResult
 from pipeline.priority import assess_priority
@@ -78,10 +85,13 @@ _task_options: dict[str, Any] = {
 
 @task(name="begin-analysis", **_task_options)
 def begin_analysis(job_id: int) -> ClaimedJob | None:
-    """Mark the study analysing; None if a newer generation has superseded this job."""
+    """Mark the study analysing; None (job closed) if a newer generation superseded it."""
     rt = runtime.current()
     job = load_job(rt.db, job_id)
-    return job if start_analysis(rt.db, job) else None
+    if start_analysis(rt.db, job):
+        return job
+    close_superseded_job(rt.db, job)
+    return None
 
 
 @task(name="plan-study", **_task_options)
@@ -231,6 +241,7 @@ def _analyse(job: ClaimedJob, timings: dict[str, float]) -> tuple[TriageOutcome,
     timings["plan"] += time.perf_counter() - step
 
     failures: list[str] = []
+    cached = 0
     active: list[ModelResult] = []
     shadow: list[ModelResult] = []
     for series in study_plan.analysed:
@@ -251,6 +262,7 @@ def _analyse(job: ClaimedJob, timings: dict[str, float]) -> tuple[TriageOutcome,
                 continue
             finally:
                 timings["inference"] += time.perf_counter() - step
+            cached += int(recorded.cached)
             (shadow if str(recorded.mode) == SHADOW else active).append(recorded.result)
         runtime.current().volumes.discard(series.fingerprint)
 
@@ -292,5 +304,6 @@ def _analyse(job: ClaimedJob, timings: dict[str, float]) -> tuple[TriageOutcome,
         "models": [f"{r.model.name} {r.model.version}" for r in active],
         "shadow_models": [f"{r.model.name} {r.model.version}" for r in shadow],
         "series_analysed": len(study_plan.analysed),
+        "cached_results": cached,
     }
     return outcome, summary

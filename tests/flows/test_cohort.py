@@ -46,29 +46,6 @@ MODEL = "ich"
 VERSION = "1.0"
 
 
-@pytest.fixture(scope="session")
-def cohort_prefect_server(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[ManagedPrefectServer]:
-    """A real ``prefect server start`` shared by the cohort tests (and their child processes)."""
-    server = ManagedPrefectServer(tmp_path_factory.mktemp("prefect-cohort-home"))
-    server.start()
-    try:
-        if not server.wait():
-            pytest.fail(f"Prefect server did not start: {server.error}")
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def prefect_api(cohort_prefect_server: ManagedPrefectServer) -> Iterator[str]:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: cohort_prefect_server.api_url}):
-        yield cohort_prefect_server.api_url
-
-
 @pytest.fixture
 def archive(tmp_path: Path) -> Iterator[Archive]:
     models_dir = tmp_path / "models"
@@ -257,13 +234,13 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:  # ty
 
 class TestResume:
     def test_killed_run_resumes_with_no_study_twice_and_none_missed(
-        self, archive: Archive, cohort_prefect_server: ManagedPrefectServer, tmp_path: Path
+        self, archive: Archive, prefect_server: ManagedPrefectServer, tmp_path: Path
     ) -> None:
         studies = [archive.add_phantom(tmp_path / "w", seed, rows=48) for seed in range(16)]
         registry = ModelRegistry.discover(archive.settings.models_dirs)
         info = new_cohort(archive, "resume", registry, write_sr=True)
         env = archive.env(
-            PREFECT_API_URL=cohort_prefect_server.api_url,
+            PREFECT_API_URL=prefect_server.api_url,
             PACS_TRIAGE_COHORT_STALE_RUN_SECONDS="1",
         )
 
@@ -425,7 +402,7 @@ class TestRemoteCohort:
 
 class TestLane:
     def test_clinical_study_is_triaged_in_time_while_a_cohort_runs(
-        self, archive: Archive, cohort_prefect_server: ManagedPrefectServer, tmp_path: Path
+        self, archive: Archive, prefect_server: ManagedPrefectServer, tmp_path: Path
     ) -> None:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -437,7 +414,7 @@ class TestLane:
             archive.add_phantom(tmp_path / "w", seed)
         registry = use_runtime(archive)  # clinical triage runs in this process
         info = new_cohort(archive, "lane", registry, write_sr=True)
-        api_url = cohort_prefect_server.api_url
+        api_url = prefect_server.api_url
 
         def run_triage(job) -> None:  # type: ignore[no-untyped-def]
             with temporary_settings(updates={PREFECT_API_URL: api_url}):

@@ -13,7 +13,7 @@ from alembic import op
 import archive.index
 
 revision: str = "0005_results"
-down_revision: str | None = "0002"
+down_revision: str | None = "0004_worklist"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

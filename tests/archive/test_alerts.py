@@ -1,0 +1,297 @@
+"""Alerts for critical findings: sent exactly once, with retries, to a real HTTP and MLLP receiver.
+
+The receivers are real servers on loopback (``http.server`` and a TCP socket
+speaking MLLP), started by the test; the studies are triaged with the real
+archive functions (tests/worklist_support.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from hl7apy.core import Message
+from hl7apy.parser import parse_message
+from sqlalchemy import select
+
+from archive.config import Hl7Target, Settings, WebhookTarget
+from archive.db import Database
+from archive.followup import after_triage
+from archive.index import DeliveryOutbox, utcnow
+from archive.ingest import Ingest
+from archive.outbox import deliver_due
+from archive.store import FileStore
+from tests.worklist_support import triaged_study
+
+
+class WebhookReceiver:
+    """An HTTP server recording POSTed JSON; answers the given statuses in turn, then 200."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.statuses = list(statuses or [])
+        self.requests: list[tuple[dict[str, str], dict]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length))
+                receiver.requests.append((dict(self.headers), body))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+
+    def __enter__(self) -> WebhookReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class MllpReceiver:
+    """A RIS stand-in: accepts MLLP-framed HL7 v2 messages and acknowledges each (ACK)."""
+
+    def __init__(self, codes: list[str] | None = None) -> None:
+        self.codes = list(codes or [])
+        self.messages: list[Message] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                data = b""
+                while b"\x1c\x0d" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                text = data[data.find(b"\x0b") + 1 : data.find(b"\x1c\x0d")].decode()
+                message = parse_message(text)
+                self.messages.append(message)
+                code = self.codes.pop(0) if self.codes else "AA"
+                ack = Message("ACK", version="2.5")
+                ack.msh.msh_3 = "RIS"
+                ack.msh.msh_9 = "ACK^R01^ACK"
+                ack.msh.msh_10 = "ACK1"
+                ack.msh.msh_11 = "P"
+                ack.msa.msa_1 = code
+                ack.msa.msa_2 = message.msh.msh_10.value
+                conn.sendall(b"\x0b" + ack.to_er7().encode() + b"\x1c\x0d")
+
+    def __enter__(self) -> MllpReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def node(tmp_path: Path, db: Database) -> tuple[Database, Ingest, FileStore]:
+    store = FileStore(tmp_path / "node", fsync=False)
+    return db, Ingest(db, store), store
+
+
+def outbox_rows(db: Database) -> list[DeliveryOutbox]:
+    with db.reader() as session:
+        return list(session.scalars(select(DeliveryOutbox).order_by(DeliveryOutbox.id)))
+
+
+def settings_for(tmp_path: Path, **kwargs: object) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "node",
+        fsync=False,
+        delivery_backoff_seconds=30,
+        delivery_max_attempts=3,
+        delivery_timeout_seconds=5,
+        **kwargs,
+    )
+
+
+class TestWebhook:
+    def test_stat_alert_sent_exactly_once_after_a_retry(
+        self, tmp_path: Path, node, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        db, ingest, store = node
+        caplog.set_level(logging.DEBUG)
+        with WebhookReceiver(statuses=[503]) as receiver:
+            settings = settings_for(
+                tmp_path, alert_webhooks=[WebhookTarget(name="ris", url=receiver.url)]
+            )
+            now = utcnow()
+            made = triaged_study(
+                db, ingest, settings, probability=0.97, now=now, patient_name="Secret^Alice"
+            )
+            triaged_study(db, ingest, settings, probability=0.02, now=now)  # routine: no alert
+
+            first = deliver_due(db, settings, store, now=now, clock=lambda: now)
+            assert first["pending"] == 1 and first["sent"] == 0
+            (row,) = outbox_rows(db)
+            assert row.status == "pending" and row.attempts == 1
+            assert row.last_error == "DeliveryError: webhook answered HTTP 503"
+            assert row.next_attempt_at == now + timedelta(seconds=30)
+            # Not due yet: nothing is sent.
+            assert deliver_due(db, settings, store, now=now + timedelta(seconds=29))["sent"] == 0
+
+            later = now + timedelta(seconds=31)
+            assert deliver_due(db, settings, store, now=later, clock=lambda: later)["sent"] == 1
+            # The hook runs again (a retried flow task) and a new pass runs: nothing more.
+            after_triage(db, made.study_pk, made.generation, settings=settings, ingest=ingest)
+            assert deliver_due(db, settings, store, now=later + timedelta(hours=1)) == {
+                "pending": 0,
+                "sending": 0,
+                "sent": 0,
+                "failed": 0,
+            }
+
+        assert len(receiver.requests) == 2  # one refused attempt, one delivery
+        (headers1, body1), (headers2, body2) = receiver.requests
+        assert body1 == body2
+        assert headers1["Idempotency-Key"] == headers2["Idempotency-Key"]
+        assert body1["StudyInstanceUID"] == made.study_instance_uid
+        assert body1["priority_class"] == "STAT"
+        assert body1["headline"].startswith("Hemorrhage (p=0.97)")
+        assert body1["findings"][0]["present"] is True
+        assert body1["worklist_url"].endswith("/worklist")
+        assert "PatientName" not in body1 and "PatientID" not in body1
+        (row,) = outbox_rows(db)
+        assert (row.status, row.attempts, row.sent_at) == ("sent", 2, later)
+        assert "Secret" not in caplog.text and "Alice" not in caplog.text
+
+    def test_patient_data_only_when_configured(self, tmp_path: Path, node) -> None:
+        db, ingest, store = node
+        with WebhookReceiver() as receiver:
+            settings = settings_for(
+                tmp_path,
+                alert_webhooks=[
+                    WebhookTarget(name="pager", url=receiver.url, include_patient_data=True)
+                ],
+            )
+            triaged_study(db, ingest, settings, probability=0.97, patient_id="MRN-77")
+            assert deliver_due(db, settings, store)["sent"] == 1
+        ((_, body),) = receiver.requests
+        assert body["PatientID"] == "MRN-77"
+        assert body["PatientName"] == "Doe^Jane"
+
+    def test_unreachable_receiver_fails_after_max_attempts(self, tmp_path: Path, node) -> None:
+        db, ingest, store = node
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        settings = settings_for(
+            tmp_path,
+            alert_webhooks=[WebhookTarget(name="down", url=f"http://127.0.0.1:{port}/x")],
+        )
+        triaged_study(db, ingest, settings, probability=0.97)
+        when = utcnow()
+        for _attempt in range(3):
+            when += timedelta(hours=1)
+            deliver_due(db, settings, store, now=when, clock=lambda w=when: w)
+        (row,) = outbox_rows(db)
+        assert row.status == "failed" and row.attempts == 3
+        assert row.last_error.startswith("ConnectError")
+
+
+class TestHl7:
+    def test_oru_over_mllp_once_with_patient_and_finding(self, tmp_path: Path, node) -> None:
+        db, ingest, store = node
+        with MllpReceiver(codes=["AE"]) as ris:
+            settings = settings_for(
+                tmp_path,
+                alert_hl7=[Hl7Target(name="ris", host="127.0.0.1", port=ris.port)],
+            )
+            made = triaged_study(
+                db, ingest, settings, probability=0.97, patient_id="MRN-42", accession_number="A77"
+            )
+            now = utcnow()
+            assert deliver_due(db, settings, store, now=now, clock=lambda: now)["pending"] == 1
+            later = now + timedelta(minutes=5)
+            assert deliver_due(db, settings, store, now=later, clock=lambda: later)["sent"] == 1
+            assert deliver_due(db, settings, store, now=later + timedelta(hours=1))["sent"] == 0
+
+        assert len(ris.messages) == 2  # refused (AE), then accepted (AA)
+        oru = ris.messages[-1]
+        assert oru.msh.msh_9.value == "ORU^R01^ORU_R01"
+        er7 = oru.to_er7()
+        assert "PID|||MRN-42||Doe Jane" in er7
+        assert "OBR|1||A77|AITRIAGE^AI triage result" in er7
+        assert "50960005^Hemorrhage^SCT" in er7
+        assert f"STUDYUID^Study Instance UID^99PACSTRIAGE||{made.study_instance_uid}" in er7
+        assert "TRIAGEPRIO^Triage priority^99PACSTRIAGE||STAT" in er7
+        (row,) = outbox_rows(db)
+        assert row.channel == "hl7:ris" and row.status == "sent"
+
+    def test_routine_result_raises_no_alert(self, tmp_path: Path, node) -> None:
+        db, ingest, _store = node
+        settings = settings_for(
+            tmp_path, alert_hl7=[Hl7Target(name="ris", host="127.0.0.1", port=9)]
+        )
+        triaged_study(db, ingest, settings, probability=0.02)
+        triaged_study(db, ingest, settings, probability=None, failure_reason="corrupt")
+        assert outbox_rows(db) == []
+
+
+@pytest.fixture
+def restart_db(tmp_path: Path) -> Iterator[str]:
+    url = f"sqlite:///{tmp_path / 'restart.sqlite'}"
+    Database(url).upgrade()
+    yield url
+
+
+def test_sent_alert_is_not_resent_after_a_restart(tmp_path: Path, restart_db: str) -> None:
+    """A new process on the same index (a restarted node) finds nothing to send again."""
+    with WebhookReceiver() as receiver:
+        settings = settings_for(
+            tmp_path, alert_webhooks=[WebhookTarget(name="ris", url=receiver.url)]
+        )
+        db = Database(restart_db)
+        store = FileStore(tmp_path / "node", fsync=False)
+        made = triaged_study(db, Ingest(db, store), settings, probability=0.97)
+        assert deliver_due(db, settings, store)["sent"] == 1
+        db.dispose()
+
+        restarted = Database(restart_db)
+        after_triage(
+            restarted,
+            made.study_pk,
+            made.generation,
+            settings=settings,
+            ingest=Ingest(restarted, store),
+        )
+        assert (
+            deliver_due(restarted, settings, store, now=utcnow() + timedelta(days=1))["sent"] == 0
+        )
+        restarted.dispose()
+    assert len(receiver.requests) == 1

@@ -1,0 +1,162 @@
+"""The worklist page in headless Chromium (Debian's chromium + chromedriver, driven by Selenium).
+
+Logs in with a token, sees the STAT study at the top with its finding and key
+image thumbnail and the failed study marked, watches a newly triaged study
+appear without a reload (Server-Sent Events), marks it opened, and saves a
+screenshot to test-artifacts/. No browser or driver is downloaded: the
+system chromedriver is passed explicitly, so Selenium Manager never runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from archive.config import HttpToken, Settings
+from archive.db import Database
+from archive.http import AppContext, HttpService, TokenBook, create_app
+from archive.index import ReadingStatus
+from archive.ingest import Ingest
+from archive.store import FileStore
+from tests.peers import REPO_ROOT
+from tests.worklist_support import triaged_study
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+TOKEN = "browser-test-token-0123456789"
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+
+pytestmark = pytest.mark.network
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.fail(
+            "chromium and chromedriver are required (apt-get install chromium chromium-driver)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        "--no-first-run",
+        "--disable-extensions",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[str, Database, Ingest, Settings]]:
+    settings = Settings(
+        data_dir=tmp_path / "node",
+        fsync=False,
+        http_port=0,
+        worklist_poll_seconds=0.25,
+        http_tokens=[HttpToken(name="dr-browser", token=TOKEN, scopes=["read", "write"])],
+    )
+    db = Database(settings.resolved_database_url, durable=False)
+    db.upgrade()
+    store = FileStore(settings.data_dir, fsync=False)
+    ingest = Ingest(db, store)
+    ctx = AppContext(
+        settings=settings,
+        db=db,
+        file_store=store,
+        ingest=ingest,
+        tokens=TokenBook.from_settings(settings),
+    )
+    service = HttpService(settings, create_app(ctx))
+    service.start()
+    yield f"http://127.0.0.1:{service.port}", db, ingest, settings
+    ctx.extras["stopping"] = True
+    service.stop()
+    db.dispose()
+
+
+def rows(driver: webdriver.Chrome) -> list[str]:
+    return [r.get_attribute("data-uid") for r in driver.find_elements(By.CSS_SELECTOR, "tr.row")]
+
+
+def test_login_stat_on_top_live_update_and_mark_opened(browser, node) -> None:
+    base, db, ingest, settings = node
+    routine = triaged_study(db, ingest, settings, probability=0.02)
+    failed = triaged_study(
+        db, ingest, settings, probability=None, failure_reason="pixel data could not be decoded"
+    )
+    stat = triaged_study(db, ingest, settings, probability=0.97)
+    wait = WebDriverWait(browser, 20)
+
+    browser.get(f"{base}/worklist")
+    wait.until(lambda d: d.find_element(By.ID, "token").is_displayed())
+    assert "token" not in browser.current_url
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "login-button").click()
+    wait.until(lambda d: len(rows(d)) == 3)
+    assert "token" not in browser.current_url and TOKEN not in browser.current_url
+
+    top = browser.find_elements(By.CSS_SELECTOR, "tr.row")[0]
+    assert top.get_attribute("data-uid") == stat.study_instance_uid
+    assert "prio-STAT" in top.get_attribute("class")
+    assert top.find_element(By.CSS_SELECTOR, ".badge").text == "STAT"
+    assert "Hemorrhage (p=0.97)" in top.find_element(By.CSS_SELECTOR, ".finding").text
+    thumb = top.find_element(By.CSS_SELECTOR, "img.thumb")
+    wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", thumb) > 0)
+    assert rows(browser) == [
+        stat.study_instance_uid,
+        routine.study_instance_uid,
+        failed.study_instance_uid,
+    ]
+    failed_row = browser.find_element(
+        By.CSS_SELECTOR, f'tr[data-uid="{failed.study_instance_uid}"]'
+    )
+    assert "failed" in failed_row.get_attribute("class")
+    assert "AI could not analyse this study" in failed_row.text
+    wait.until(lambda d: d.find_element(By.ID, "live").text == "live")
+
+    # A new study is triaged while the page is open: it appears without a reload.
+    browser.execute_script("window.__sameDocument = 'yes'")
+    newer = triaged_study(db, ingest, settings, probability=0.99)
+    wait.until(lambda d: rows(d)[:1] == [newer.study_instance_uid])
+    assert browser.execute_script("return window.__sameDocument") == "yes"
+    assert rows(browser)[1] == stat.study_instance_uid
+
+    new_row = browser.find_element(By.CSS_SELECTOR, f'tr[data-uid="{newer.study_instance_uid}"]')
+    new_row.find_element(By.CSS_SELECTOR, "button.action-opened").click()
+    wait.until(
+        lambda d: (
+            d.find_element(
+                By.CSS_SELECTOR, f'tr[data-uid="{newer.study_instance_uid}"] .reading-status'
+            ).text
+            == "opened"
+        )
+    )
+    with db.reader() as session:
+        status = session.get(ReadingStatus, newer.study_pk)
+        assert status is not None
+        assert (status.reading_state, status.opened_by) == ("opened", "dr-browser")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "worklist.png"
+    assert browser.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000
+
+
+def test_system_browser_is_used(browser) -> None:
+    """The session runs the Debian chromium, not a downloaded one."""
+    version = browser.capabilities.get("browserVersion", "")
+    assert version and shutil.which("chromium")
