@@ -30,7 +30,7 @@ from archive.cohorts import (
     select_uids,
 )
 from archive.db import Database
-from archive.index import utcnow
+from archive.index import Study, utcnow
 from archive.ingest import Ingest
 from archive.store import FileStore
 from archive.triage import StableCandidate, mark_ready, stable_candidates
@@ -300,3 +300,49 @@ class TestClinicalLane:
         # A job pending for longer than the stale limit (no dispatcher) no longer holds back.
         later = utcnow() + timedelta(seconds=1000)
         assert clinical_work_waiting(db, stale_pending_seconds=900, now=later) == 0
+
+
+class TestAnalysedByFilter:
+    def test_analysed_and_not_analysed_by_a_model(
+        self, db: Database, archive: dict[str, str]
+    ) -> None:
+        from archive.results import record_result
+        from pipeline.findings import ModelIdentity, ModelResult
+
+        with db.reader() as session:
+            study_pk = session.scalar(
+                select(Study.id).where(Study.study_instance_uid == archive["chest_2025"])
+            )
+        record_result(
+            db,
+            study_pk=study_pk,
+            fingerprint="f" * 64,
+            result=ModelResult(ModelIdentity("ich", "1.0", "0" * 64), "1.2.3"),
+            mode="active",
+        )
+        assert uids(select_studies(db, StudyQuery(analysed_by="ich"))) == [archive["chest_2025"]]
+        assert uids(select_studies(db, StudyQuery(analysed_by="ich:1.0"))) == [
+            archive["chest_2025"]
+        ]
+        assert uids(select_studies(db, StudyQuery(analysed_by="ich:2.0"))) == []
+        assert archive["chest_2025"] not in uids(
+            select_studies(db, StudyQuery(not_analysed_by="ich"))
+        )
+        assert len(select_studies(db, StudyQuery(not_analysed_by="ich:2.0"))) == 4
+
+
+class TestMigration:
+    def test_0006_downgrades_and_upgrades_again(self, db: Database) -> None:
+        from alembic import command
+        from sqlalchemy import inspect
+
+        from archive.db import alembic_config
+
+        config = alembic_config(db.url)
+        command.downgrade(config, "0005_results")
+        assert "cohort" not in inspect(db.write_engine).get_table_names()
+        command.upgrade(config, "head")
+        tables = inspect(db.write_engine).get_table_names()
+        assert {"cohort", "cohort_item"} <= set(tables)
+        uniques = inspect(db.write_engine).get_unique_constraints("cohort_item")
+        assert any(set(u["column_names"]) == {"cohort_id", "study_pk"} for u in uniques)
