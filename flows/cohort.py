@@ -32,7 +32,6 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from archive.analysis import AnalysisError
 from archive.cohort_analysis import analyse_cohort_study
 from archive.cohorts import (
     ClaimedItem,
@@ -49,22 +48,12 @@ from archive.cohorts import (
     heartbeat,
 )
 from flows import runtime
+from flows.triage import retry_transient
 
 logger = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 16
 HEARTBEAT_SECONDS = 10.0
-
-
-def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry anything except an :class:`AnalysisError`."""
-    try:
-        state.result(raise_on_failure=True)
-    except AnalysisError:
-        return False
-    except Exception:
-        return True
-    return True
 
 
 def cohort_model(cohort: CohortInfo) -> Any:
