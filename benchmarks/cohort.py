@@ -154,6 +154,12 @@ def main() -> int:
     parser.add_argument("--spatial-size", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--no-sr", action="store_true", help="cohort without research SRs")
+    parser.add_argument(
+        "--shared-server",
+        action="store_true",
+        help="the cohort run reports to the triage flows' Prefect server (default: its own "
+        "managed server, as 'pacs-triage cohort run' does in embedded mode)",
+    )
     parser.add_argument("--models-dir", type=Path)
     parser.add_argument("--model", help="NAME[:VERSION] of a bundle in --models-dir")
     parser.add_argument("--keep", action="store_true", help="keep the temporary archive")
@@ -255,6 +261,8 @@ def main() -> int:
                 write_sr=not args.no_sr,
             )
             env = archive.env(PREFECT_API_URL=server.api_url)
+            if not args.shared_server:
+                env.pop("PREFECT_API_URL")
             run = subprocess.Popen(
                 [*cli("cohort", "run", "bench", "--quiet"), "--concurrency", str(args.concurrency)],
                 env=env,
@@ -274,7 +282,7 @@ def main() -> int:
                         )
                     )
 
-            while done() < len(studies) * 0.3 and run.poll() is None:
+            while done() < len(studies) * 0.3 and run.poll() is None:  # (own server starts)
                 time.sleep(0.2)
             during = triage.time_to_triage(clinical[2])
             at = done()
@@ -308,7 +316,8 @@ def main() -> int:
         rate = count / summary["seconds"] * 3600
         overhead = wall - inference
         print(
-            f"cohort run (run_cohort flow, Prefect server, concurrency {args.concurrency}, "
+            f"cohort run (run_cohort flow, {'shared' if args.shared_server else 'own'} Prefect "
+            f"server, concurrency {args.concurrency}, "
             f"research SRs {'off' if args.no_sr else 'on'}): "
             f"{summary['seconds']:.1f} s for {count} studies = {rate:.0f} studies/h "
             f"({summary['counts']}); yielded {summary['yield_seconds']:.1f} s to triage"
