@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     from archive.demo import add_parser as add_demo_parser
 
     add_demo_parser(commands)
+    from archive.cohort_cli import add_parser as add_cohort_parser
+
+    add_cohort_parser(commands)
     return parser
 
 
