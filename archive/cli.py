@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the effective settings as JSON")
     config.set_defaults(func=_config)
     register_models(commands)
+    from archive.demo import add_parser as add_demo_parser
+
+    add_demo_parser(commands)
+    from archive.cohort_cli import add_parser as add_cohort_parser
+
+    add_cohort_parser(commands)
     return parser
 
 

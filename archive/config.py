@@ -213,6 +213,40 @@ class Settings(BaseSettings):
     move_destinations: list[RemoteAE] = Field(default_factory=list)
     """Known C-MOVE destinations, by AE title."""
 
+    cohort_remotes: list[RemoteAE] = Field(default_factory=list)
+    """Remote PACS a research cohort may be pulled from (C-FIND there, C-MOVE to us);
+    each must know our AE title as a move destination."""
+
+    cohort_move_interval_seconds: float = Field(default=0.0, ge=0)
+    """Pause between two C-MOVEs of a remote cohort (throttles the load on the remote)."""
+
+    cohort_concurrency: int = Field(default=1, ge=1, le=16)
+    """Studies a cohort run analyses at once."""
+
+    cohort_torch_threads: int = Field(default=1, ge=0)
+    """Torch threads of a cohort run's process (0: torch's default); fewer leaves cores to
+    clinical triage."""
+
+    cohort_write_sr: bool = True
+    """Store a research SR (Series Description ``RESEARCH ...``) into each analysed study."""
+
+    cohort_yield_to_triage: bool = True
+    """A cohort run waits while clinical triage jobs are queued or running."""
+
+    cohort_yield_poll_seconds: float = Field(default=0.25, gt=0)
+    """How often a waiting cohort run looks at the triage outbox again."""
+
+    cohort_stale_triage_seconds: float = Field(default=900.0, gt=0)
+    """A triage job pending longer than this (no dispatcher is taking jobs) no longer holds
+    cohort runs back."""
+
+    cohort_stale_run_seconds: float = Field(default=120.0, gt=0)
+    """A cohort run silent this long is taken for dead; a new run may take the cohort over."""
+
+    cohort_pseudonym_key: SecretStr | None = None
+    """Key of the de-identified export's pseudonyms (same key, same pseudonyms); ``--key``
+    overrides it."""
+
     http_tokens: list[HttpToken] = Field(default_factory=list)
     """Bearer tokens for the HTTP API (see also :attr:`http_token_file`)."""
 

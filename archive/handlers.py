@@ -164,6 +164,8 @@ def handle_find(
         logger.exception("C-FIND identifier could not be read")
         yield _status(status.UNABLE_TO_PROCESS, "identifier could not be read"), None
         return
+    # PS3.4 C.4.1.1.4: FF01 when some Optional Keys were not supported (returned empty).
+    pending = status.PENDING_WARNING if query.empty_keys else status.PENDING
     count = 0
     try:
         with db.reader() as session:
@@ -173,7 +175,7 @@ def handle_find(
                     yield status.CANCEL, None
                     return
                 count += 1
-                yield status.PENDING, ds
+                yield pending, ds
     except Exception:
         logger.exception("C-FIND failed after %d match(es)", count)
         yield _status(status.UNABLE_TO_PROCESS, "query failed"), None

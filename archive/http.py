@@ -217,6 +217,9 @@ def _include_routers(app: FastAPI) -> None:
     from archive.worklist.api import router as worklist_router
 
     app.include_router(worklist_router())
+    from archive.cohort_api import router as cohort_router
+
+    app.include_router(cohort_router())
 
 
 def _api_router():  # type: ignore[no-untyped-def]

@@ -151,23 +151,23 @@ def claim_due(
 ) -> list[OutboxMessage]:
     """Lease the due messages (pending and due, or sending with an expired lease)."""
     table = DeliveryOutbox.__table__
+    due = or_(
+        and_(
+            table.c.status == DeliveryStatusValues.PENDING.value,
+            table.c.next_attempt_at <= now,
+        ),
+        and_(
+            table.c.status == DeliveryStatusValues.SENDING.value,
+            table.c.lease_expires_at < now,
+        ),
+    )
+    # Most passes find nothing: look first without taking the (SQLite) write lock.
+    with db.reader() as session:
+        if session.execute(select(table.c.id).where(due).limit(1)).first() is None:
+            return []
     with db.write_connection() as conn:
         query = (
-            select(table.c.id)
-            .where(
-                or_(
-                    and_(
-                        table.c.status == DeliveryStatusValues.PENDING.value,
-                        table.c.next_attempt_at <= now,
-                    ),
-                    and_(
-                        table.c.status == DeliveryStatusValues.SENDING.value,
-                        table.c.lease_expires_at < now,
-                    ),
-                )
-            )
-            .order_by(table.c.next_attempt_at, table.c.id)
-            .limit(limit)
+            select(table.c.id).where(due).order_by(table.c.next_attempt_at, table.c.id).limit(limit)
         )
         if db.dialect == "postgresql":
             query = query.with_for_update(skip_locked=True)

@@ -1,9 +1,9 @@
 """Benchmark: model inference per installed model, pacs-triage's registry against plain MONAI.
 
 For every installed model (shipped bundles plus ``--models-dir``), on volumes
-the model applies to (synthetic head CT phantoms, 40 x 256 x 256, for CT head
-models; the real 134-slice 512 x 512 abdominal CT is used to time
-preprocessing of a full-size series), measures in one run:
+the model applies to (synthetic head CT phantoms, 40 x 256 x 256, for CT
+models; synthetic 512 x 512 chest radiographs otherwise; the real 134-slice
+512 x 512 abdominal CT times preprocessing of a full-size CT), measures in one run:
 
 - preprocessing (the bundle's MONAI transforms) per volume,
 - the network alone: volumes/s at batch 1 and at batches 2, 4, 8 (the best is quoted),
@@ -76,6 +76,28 @@ def _phantom_volume(seed: int) -> Volume:
     )
 
 
+def _chest_volume(seed: int) -> Volume:
+    from models.phantoms import chest_radiograph
+
+    phantom = chest_radiograph(seed, positive=seed % 2 == 0)
+    return Volume(
+        pixels=phantom.pixels.astype(np.float32)[np.newaxis],
+        spacing=(1.0, phantom.spacing, phantom.spacing),
+        origin=(0.0, 0.0, 0.0),
+        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        sop_instance_uids=(f"2.25.{seed}.1",),
+        modality="DX",
+        series_instance_uid=f"2.25.{seed}",
+    )
+
+
+def _volumes_for(model: InstalledModel) -> list[Volume]:
+    """Eight phantoms the model applies to: head CT for CT models, chest radiographs else."""
+    if "CT" in model.rule.modality:
+        return [_phantom_volume(seed) for seed in range(8)]
+    return [_chest_volume(seed) for seed in range(8)]
+
+
 def _real_ct() -> Volume | None:
     files = sorted(CT_SERIES.glob("*.dcm"))
     if not files:
@@ -111,8 +133,11 @@ def _peer(model: InstalledModel) -> Callable[[Volume], float]:
     network.eval()
     inferer = SimpleInferer()
 
+    two_d = model.input.patch_size is not None and len(model.input.patch_size) == 2
+
     def run(volume: Volume) -> float:
-        image = MetaTensor(volume.pixels, meta={"original_channel_dim": "no_channel"})
+        pixels = volume.pixels[0] if two_d else volume.pixels
+        image = MetaTensor(pixels, meta={"original_channel_dim": "no_channel"})
         data = compose({"image": image})
         with torch.inference_mode():
             out = inferer(data["image"][None].to(model.device), network)
@@ -147,7 +172,8 @@ def bench_model(
     print(f"  postprocessing:                     {post * 1000:8.1f} ms/volume")
     predict = _median(lambda: model.predict(volume), runs)
     network_1 = 1.0 / rates[1]
-    peer = _median(lambda: _peer_run(volume), runs) if (_peer_run := _peer(model)) else None
+    peer_run = _peer(model)
+    peer = _median(lambda: peer_run(volume), runs)
     print(f"  predict (end to end):               {predict * 1000:8.1f} ms/volume")
     print(f"  peer (plain MONAI bundle run):      {peer * 1000:8.1f} ms/volume")
     print(f"  batch 1: {rates[1]:.1f} volumes/s; best batch {best}: {rates[best]:.1f} volumes/s")
@@ -174,10 +200,9 @@ def main() -> None:
     registry = ModelRegistry.discover([SHIPPED_BUNDLES_DIR, *args.models_dir], device=device)
     for problem in registry.problems:
         print(f"skipped: {problem.message}")
-    volumes = [_phantom_volume(seed) for seed in range(8)]
     real = _real_ct()
     for model in registry.models():
-        bench_model(model, volumes, args.runs, real)
+        bench_model(model, _volumes_for(model), args.runs, real)
 
 
 if __name__ == "__main__":

@@ -338,3 +338,204 @@ def phantom_batch(
 ) -> list[HeadPhantom]:
     """Several phantoms at once (for training and evaluation)."""
     return [head_phantom(s, positive=p, **kwargs) for s, p in zip(seeds, positives, strict=True)]  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ChestPhantom:
+    """One synthetic PA chest radiograph (values: 12-bit, brighter = more attenuation).
+
+    Attributes
+    ----------
+    pixels : numpy.ndarray
+        uint16 array (rows, columns), MONOCHROME2.
+    lesion : numpy.ndarray
+        bool mask of the pneumothorax (all False for a negative phantom).
+    spacing : float
+        Pixel spacing in mm (square pixels).
+    positive : bool
+        Whether the phantom has a pneumothorax.
+    """
+
+    pixels: np.ndarray
+    lesion: np.ndarray
+    spacing: float
+    positive: bool
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: int) -> np.ndarray:
+    """Smooth random texture: coarse noise upsampled by repetition and box-blurred."""
+    coarse = rng.normal(0.0, 1.0, size=(shape[0] // scale + 2, shape[1] // scale + 2))
+    fine = np.kron(coarse, np.ones((scale, scale)))[: shape[0], : shape[1]]
+    for axis in (0, 1):
+        fine = (np.roll(fine, scale // 2, axis) + fine + np.roll(fine, -(scale // 2), axis)) / 3.0
+    return fine
+
+
+def chest_radiograph(seed: int, *, positive: bool, rows: int = 512) -> ChestPhantom:
+    """Make one PA chest radiograph phantom, with or without a pneumothorax.
+
+    The thorax is a bright soft-tissue silhouette; the lungs are two dark
+    ellipses with vessel-like markings that fade towards the periphery; the
+    mediastinum and heart are bright between them, the diaphragm below, ribs
+    are faint curved bands. A pneumothorax is a peripheral region of one lung
+    (apex or lateral) without lung markings, darker than lung, bounded by a
+    thin bright visceral pleural line. Size, side, position, contrast and
+    noise vary with the seed.
+    """
+    rng = np.random.default_rng(seed)
+    spacing = 400.0 / rows
+    y, x = np.mgrid[0:rows, 0:rows].astype(np.float32)
+    y = (y - rows / 2) * spacing  # mm, head (negative) to feet (positive)
+    x = (x - rows / 2) * spacing  # mm, patient right (negative) to left
+    cx, cy = rng.uniform(-10, 10), rng.uniform(-10, 10)
+    image = np.full((rows, rows), rng.uniform(80, 200), dtype=np.float32)  # air
+    body = ((x - cx) / rng.uniform(160, 185)) ** 2 + ((y - cy) / rng.uniform(210, 240)) ** 2 <= 1
+    image[body] = rng.uniform(1900, 2300)
+    lung_value = rng.uniform(700, 1000)
+    markings = 120.0 * _smooth_noise(rng, (rows, rows), max(rows // 64, 2))
+    lesion = np.zeros((rows, rows), dtype=bool)
+    lungs = np.zeros((rows, rows), dtype=bool)
+    for side in (-1.0, 1.0):
+        lx = cx + side * rng.uniform(65, 80)
+        ly = cy - rng.uniform(5, 25)
+        ax, ay = rng.uniform(50, 65), rng.uniform(105, 130)
+        r = ((x - lx) / ax) ** 2 + ((y - ly) / ay) ** 2
+        lung = r <= 1.0
+        lungs |= lung
+        # Markings fade towards the periphery (r -> 1), as vessels taper.
+        image[lung] = lung_value + (markings[lung] * (1.2 - r[lung]))
+        if positive and (side == 1.0) == (rng.random() < 0.5) and not lesion.any():
+            # Pneumothorax: the periphery of this lung beyond a shrunken contour.
+            shrink = rng.uniform(0.55, 0.85)
+            inner = ((x - lx - side * rng.uniform(0, 12)) / (ax * shrink)) ** 2 + (
+                (y - ly - rng.uniform(0, 25)) / (ay * shrink)
+            ) ** 2 <= 1.0
+            region = lung & ~inner
+            upper = y < ly + rng.uniform(-20, 60)
+            region &= upper
+            lesion |= region
+            image[region] = lung_value - rng.uniform(80, 200)
+            # Visceral pleural line: the border of the collapsed lung.
+            edge = region & ~np.roll(region, 2, axis=1) | region & ~np.roll(region, -2, axis=1)
+            image[edge & inner.__invert__()] += rng.uniform(100, 250)
+    if positive and not lesion.any():  # the coin above chose neither side: use the left
+        lesion |= lungs & (x > cx + 90) & (y < cy - 20)
+        image[lesion] = lung_value - 150.0
+    mediastinum = (np.abs(x - cx - 10) < rng.uniform(35, 50) + np.clip(y - cy, 0, None) * 0.5) & (
+        y > cy - 140
+    )
+    image[mediastinum & body & ~lesion] = rng.uniform(2100, 2500)
+    diaphragm = (y > cy + rng.uniform(90, 110) + 0.002 * (x - cx) ** 2) & body
+    image[diaphragm] = rng.uniform(2200, 2500)
+    ribs = (np.sin((y - 0.0015 * (x - cx) ** 2) / rng.uniform(9, 12)) > 0.7) & lungs
+    image[ribs] += rng.uniform(150, 300)
+    image += rng.normal(0, rng.uniform(15, 40), size=image.shape)
+    pixels = np.clip(np.rint(image), 0, 4095).astype(np.uint16)
+    return ChestPhantom(pixels=pixels, lesion=lesion & lungs, spacing=spacing, positive=positive)
+
+
+def write_chest_dx(
+    directory: Path,
+    *,
+    positive: bool,
+    seed: int,
+    patient_id: str,
+    study_instance_uid: str | None = None,
+    rows: int = 512,
+    patient_name: str = "Phantom^Chest",
+    accession_number: str | None = None,
+    study_date: str = "20260101",
+    study_time: str = "120000",
+) -> list[Path]:
+    """Write a synthetic PA chest radiograph as one DX Image Storage (For Presentation) file.
+
+    Body Part Examined CHEST, View Position PA, Study Description "XR CHEST PA",
+    12-bit MONOCHROME2. UIDs derive from `seed` and `patient_id` unless
+    `study_instance_uid` is given.
+
+    Returns
+    -------
+    list[pathlib.Path]
+        The one file written.
+
+    References
+    ----------
+    PS3.3 A.26 Digital X-Ray Image IOD,
+    https://dicom.nema.org/medical/dicom/current/output/chtml/part03/sect_A.26.html
+    """
+    from pydicom.uid import DigitalXRayImageStorageForPresentation
+
+    phantom = chest_radiograph(seed, positive=positive, rows=rows)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    study_uid = study_instance_uid or deterministic_uid("phantom-dx-study", patient_id, seed)
+    series_uid = deterministic_uid("phantom-dx-series", study_uid, seed)
+    sop_uid = deterministic_uid("phantom-dx-instance", series_uid)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = sop_uid
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = study_date
+    ds.StudyTime = study_time
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = accession_number or f"PX{seed % 10**8:08d}"
+    ds.StudyDescription = "XR CHEST PA"
+    ds.Modality = "DX"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = 1
+    ds.SeriesDescription = "CHEST PA"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.Manufacturer = "pacs-triage synthetic phantom"
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ["L", "F"]
+    ds.ContentDate = study_date
+    ds.ContentTime = study_time
+    ds.AcquisitionDate = study_date
+    ds.AcquisitionTime = study_time
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.BodyPartExamined = "CHEST"
+    ds.ImageLaterality = "U"
+    ds.ViewPosition = "PA"
+    ds.PositionerType = ""
+    ds.AcquisitionContextSequence = []
+    region = Dataset()  # PS3.16 CID 4031: (51185008, SCT, "Chest")
+    region.CodeValue = "51185008"
+    region.CodingSchemeDesignator = "SCT"
+    region.CodeMeaning = "Chest"
+    ds.AnatomicRegionSequence = [region]
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.BurnedInAnnotation = "NO"
+    ds.ImagerPixelSpacing = [round(phantom.spacing, 6)] * 2
+    ds.PixelSpacing = [round(phantom.spacing, 6)] * 2
+    ds.DetectorType = "DIRECT"
+    ds.WindowCenter = 1500
+    ds.WindowWidth = 3000
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = rows
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(phantom.pixels).tobytes()
+    path = directory / "DX0001.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return [path]

@@ -52,8 +52,9 @@ is the column of a (batch, classes) output, or the channel of a
 (batch, channels, *spatial) output; for a spatial output the probability is
 the maximum over voxels after the activation (``sigmoid``, ``softmax`` over
 the channel axis, or ``none``). ``mask`` optionally names a spatial output
-whose thresholded channel is the finding's mask; from it the registry derives
-the volume in ml, the centroid in patient coordinates and the key image (the
+whose thresholded channel is the finding's mask; when the finding is present
+(probability >= its threshold) the registry derives from it the volume in ml
+(3D models only), the centroid in patient coordinates and the key image (the
 slice with the largest mask area). Masks are mapped back by scaling, so a
 bundle with a mask must keep the field of view (intensity transforms, resize,
 padding are fine; cropping or reorientation are not).
@@ -266,9 +267,10 @@ class InstalledModel:
         import torch
 
         _, preprocessing, _ = self._load()
-        pixels = np.asarray(volume.pixels, dtype=np.float32)
-        if self.input.axes == "xyz":
-            pixels = np.ascontiguousarray(pixels.transpose(2, 1, 0))
+        try:
+            pixels = _model_input(volume.pixels, self.input)
+        except ValueError as exc:
+            raise ModelError(f"model {self.name} {self.version}: {exc}") from exc
         try:
             image = preprocessing(pixels)
         except Exception as exc:
@@ -368,14 +370,17 @@ class InstalledModel:
                 f"probability is not finite ({probability})"
             )
         probability = min(max(probability, 0.0), 1.0)
-        if spec.mask is None:
+        if spec.mask is None or probability < spec.definition.threshold:
+            # Measurements describe a present finding only; an absent one has none.
             return FindingResult(definition=spec.definition, probability=probability)
         mask_raw = _select(outputs, spec.mask, self)
         mask = _activate(mask_raw, spec.mask)[0, spec.mask.index] >= spec.mask.threshold
         mask = mask.cpu().numpy()
         if self.input.axes == "xyz":
-            mask = mask.transpose(2, 1, 0)
+            mask = mask.T
         volume_ml, location, key_uid = _mask_measurements(mask, volume)
+        if mask.ndim == 2:
+            volume_ml = None  # a projection image has no volume; location and image stand
         return FindingResult(
             definition=spec.definition,
             probability=probability,
@@ -550,12 +555,27 @@ def bundle_preprocessing(path: Path) -> Any:
     preprocessing = _build_preprocessing(path, spec, _inference_parser(path))
 
     def apply(pixels: np.ndarray) -> Any:
-        pixels = np.asarray(pixels, dtype=np.float32)
-        if spec.axes == "xyz":
-            pixels = np.ascontiguousarray(pixels.transpose(2, 1, 0))
-        return preprocessing(pixels)
+        return preprocessing(_model_input(pixels, spec))
 
     return apply
+
+
+def _model_input(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """The volume's array in the axis order and rank the network expects (no channel yet).
+
+    A 2D model (2 spatial axes) takes the one image of a single-image series
+    (CR, DX); ``xyz`` reverses the axes to MONAI's LoadImage order.
+    """
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if spec.patch_size is not None and len(spec.patch_size) == 2:
+        if pixels.shape[0] != 1:
+            raise ValueError(
+                f"a 2D model needs a single-image series, got {pixels.shape[0]} images"
+            )
+        pixels = pixels[0]
+    if spec.axes == "xyz":
+        pixels = np.ascontiguousarray(pixels.T)
+    return pixels
 
 
 def _build_preprocessing(path: Path, spec: InputSpec, parser: Any) -> Any:

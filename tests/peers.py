@@ -325,8 +325,11 @@ class StoreSCP:
         ae_title: str = "STORESCP",
         fork: bool = False,
         env: dict[str, str] | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.env = env
+        self.extra = list(extra)
+        """Further storescp options, e.g. ``+B`` to write received data sets bit for bit."""
         self.output_dir = Path(output_dir)
         self.ae_title = ae_title
         self.port = free_port()
@@ -338,6 +341,7 @@ class StoreSCP:
         args = ["storescp", "-aet", self.ae_title, "-od", str(self.output_dir), "+xa"]
         if self.fork:
             args.append("--fork")
+        args += self.extra
         self.process = subprocess.Popen(
             [*args, str(self.port)],
             stdout=subprocess.DEVNULL,

@@ -4,15 +4,23 @@ A study is ingested (synthetic CT slices), marked ready, its job claimed and
 started, a TID 1500 report is built with pipeline/report from a model result
 and stored into the study, the job is finished with the priority the policy
 assigns, and :func:`archive.followup.after_triage` runs, exactly as the triage
-flow does it. No mocks: what the worklist reads is what the flow writes.
+flow does it. No mocks: what the worklist reads is what the flow writes. Also
+the real receivers alerts go to in tests: a webhook HTTP server and an MLLP
+(HL7 v2) server on loopback.
 """
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pydicom
+from hl7apy.core import Message
+from hl7apy.parser import parse_message
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
@@ -214,3 +222,90 @@ def triaged_study(
 
 def minutes_ago(now: datetime, minutes: float) -> datetime:
     return now - timedelta(minutes=minutes)
+
+
+class WebhookReceiver:
+    """An HTTP server recording POSTed JSON; answers the given statuses in turn, then 200."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.statuses = list(statuses or [])
+        self.requests: list[tuple[dict[str, str], dict]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length))
+                receiver.requests.append((dict(self.headers), body))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+
+    def __enter__(self) -> WebhookReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class MllpReceiver:
+    """A RIS stand-in: accepts MLLP-framed HL7 v2 messages and acknowledges each (ACK)."""
+
+    def __init__(self, codes: list[str] | None = None) -> None:
+        self.codes = list(codes or [])
+        self.messages: list[Message] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                data = b""
+                while b"\x1c\x0d" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                text = data[data.find(b"\x0b") + 1 : data.find(b"\x1c\x0d")].decode()
+                message = parse_message(text)
+                self.messages.append(message)
+                code = self.codes.pop(0) if self.codes else "AA"
+                ack = Message("ACK", version="2.5")
+                ack.msh.msh_3 = "RIS"
+                ack.msh.msh_9 = "ACK^R01^ACK"
+                ack.msh.msh_10 = "ACK1"
+                ack.msh.msh_11 = "P"
+                ack.msa.msa_1 = code
+                ack.msa.msa_2 = message.msh.msh_10.value
+                conn.sendall(b"\x0b" + ack.to_er7().encode() + b"\x1c\x0d")
+
+    def __enter__(self) -> MllpReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close()

@@ -71,6 +71,7 @@ DEFAULT_FIELDS = {
     QueryLevelValues.SERIES: SERIES_FIELDS,
     QueryLevelValues.IMAGE: INSTANCE_FIELDS,
 }
+TRUNCATED = "There are additional results that can be requested"
 CONTROL = {"limit", "offset", "fuzzymatching", "includefield"}
 
 
@@ -111,7 +112,8 @@ def search(
     fuzzy = params.get("fuzzymatching", "false").lower()
     if fuzzy not in ("true", "false"):
         raise HTTPException(400, "fuzzymatching must be true or false")
-    limit = min(_int_param(params.get("limit"), "limit", MAX_RESULTS), MAX_RESULTS)
+    asked = _int_param(params.get("limit"), "limit", MAX_RESULTS + 1)
+    limit = min(asked, MAX_RESULTS)
     offset = _int_param(params.get("offset"), "offset", 0)
     include: list[str] = []
     include_all = False
@@ -157,7 +159,9 @@ def search(
     headers: dict[str, str] = {}
     if len(rows) > limit:
         rows = rows[:limit]
-        headers["Warning"] = "299 pacs-triage: There are additional results that can be requested"
+        if asked > MAX_RESULTS:
+            # PS3.18 8.3.4.4.2: the server cut the response short, not the client's limit.
+            headers["Warning"] = f"299 pacs-triage: {TRUNCATED}"
     body: list[dict[str, Any]] = []
     for row in rows:
         ds = to_dataset(query, row)

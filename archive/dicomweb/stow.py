@@ -4,9 +4,9 @@ Every part goes through :meth:`archive.ingest.Ingest.store`, the path C-STORE
 takes, with the same validation and durability: an instance counts as stored
 only once its file and index row are durable. The response lists stored
 instances in ReferencedSOPSequence (0008,1199) and refused ones in
-FailedSOPSequence (0008,1198) with a FailureReason (0008,1197). Status: 200 all
-stored, 202 some refused, 409 all refused, 415 for a media type other than
-application/dicom.
+FailedSOPSequence (0008,1198) with a FailureReason (0008,1197). Status: 200
+all stored, 202 some refused or stored with a warning, 409 all refused, 415
+for a media type other than application/dicom.
 
 References
 ----------
@@ -93,7 +93,9 @@ async def _store(request: Request, ctx: AppContext, study: str | None) -> JSONRe
         response.ReferencedSOPSequence = referenced
     if failed:
         response.FailedSOPSequence = failed
-    code = 200 if not failed else (202 if referenced else 409)
+    warned = any("WarningReason" in item for item in referenced)
+    # PS3.18 10.5.3: 202 when some failed or were stored with warnings; 409 when all failed.
+    code = 409 if failed and not referenced else (202 if failed or warned else 200)
     logger.info("STOW-RS: %d stored, %d refused", len(referenced), len(failed))
     return JSONResponse(response.to_json_dict(), status_code=code, media_type=DICOM_JSON)
 

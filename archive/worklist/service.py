@@ -181,6 +181,9 @@ def _headline(
         return f"AI could not analyse this study: {reason or 'reason unknown'}"
     if summary and state is WorklistTriageStateValues.TRIAGED:
         return str(summary.get("headline") or "")
+    if state is WorklistTriageStateValues.TRIAGED and triage and triage.priority_reason:
+        # The follow-up has not read the SR yet (a moment after the result): the policy's reason.
+        return triage.priority_reason
     return TRIAGE_LABELS[state]
 
 
@@ -258,10 +261,6 @@ def _item(
     )
 
 
-def _sort_key(item: WorklistItem) -> tuple[float, float, str]:
-    return (-item.effective_score, -item.waiting_seconds, item.study_instance_uid)
-
-
 def list_worklist(
     db: Database,
     flt: WorklistFilter,
@@ -271,34 +270,74 @@ def list_worklist(
     """The filtered worklist, ordered, and the total before paging.
 
     Ordering: effective score (class band and score, aged; overdue studies
-    first, longest overdue first), then waiting time, longest first.
+    first, longest overdue first), then waiting time, longest first. The
+    order is computed from a few columns of every matching study; only the
+    requested page is loaded in full.
     """
-    query = _row_query()
+    study, triage, status = Study.__table__, StudyTriage.__table__, ReadingStatus.__table__
+    query = select(
+        study.c.id,
+        study.c.study_instance_uid,
+        study.c.first_received_at,
+        study.c.last_received_at,
+        triage.c.state,
+        triage.c.ready_at,
+        triage.c.priority_class,
+        triage.c.priority_score,
+    ).select_from(
+        study.outerjoin(triage, triage.c.study_pk == study.c.id).outerjoin(
+            status, status.c.study_pk == study.c.id
+        )
+    )
     if flt.reading_states:
         states = [s.value for s in flt.reading_states]
         if ReadingStateValues.UNREAD.value in states:
             query = query.where(
-                (ReadingStatus.reading_state.in_(states)) | (ReadingStatus.study_pk.is_(None))
+                (status.c.reading_state.in_(states)) | (status.c.study_pk.is_(None))
             )
         else:
-            query = query.where(ReadingStatus.reading_state.in_(states))
+            query = query.where(status.c.reading_state.in_(states))
     if flt.modality:
-        query = query.where(Study.modalities_in_study.contains(flt.modality.upper()))
+        query = query.where(study.c.modalities_in_study.contains(flt.modality.upper()))
     if flt.study_date_from:
-        query = query.where(Study.study_date >= flt.study_date_from)
+        query = query.where(study.c.study_date >= flt.study_date_from)
     if flt.study_date_to:
-        query = query.where(Study.study_date <= flt.study_date_to)
+        query = query.where(study.c.study_date <= flt.study_date_to)
+    wanted_states = {s.value for s in flt.triage_states}
+    wanted_classes = {p.upper() for p in flt.priority_classes}
+    ranked: list[tuple[tuple[float, float, str], int]] = []
     with db.reader() as session:
         rows = session.execute(query).all()
-    items = [_item(*row, now=now, policy=policy) for row in rows]
-    if flt.triage_states:
-        wanted = {s.value for s in flt.triage_states}
-        items = [i for i in items if i.triage_state in wanted]
-    if flt.priority_classes:
-        wanted = {p.upper() for p in flt.priority_classes}
-        items = [i for i in items if (i.priority_class or "NONE") in wanted]
-    items.sort(key=_sort_key)
-    return items[flt.offset : flt.offset + flt.limit], len(items)
+    for row in rows:
+        # The same derivation as _item, on the columns alone.
+        if row.state is None or row.last_received_at > row.ready_at:
+            state = WorklistTriageStateValues.WAITING_FOR_IMAGES.value
+        else:
+            state = row.state
+        if wanted_states and state not in wanted_states:
+            continue
+        assessed = state == WorklistTriageStateValues.TRIAGED.value and row.priority_class
+        priority_class = row.priority_class if assessed else None
+        if wanted_classes and (priority_class or "NONE") not in wanted_classes:
+            continue
+        score = float(row.priority_score or 0.0) if assessed else 0.0
+        aged = effective_priority(
+            priority_class or PriorityClassValues.ROUTINE,
+            min(max(score, 0.0), 100.0),
+            row.first_received_at,
+            now,
+            policy,
+        )
+        key = (-round(aged.score, 3), -aged.waiting.total_seconds(), row.study_instance_uid)
+        ranked.append((key, row.id))
+    ranked.sort()
+    page = [study_pk for _, study_pk in ranked[flt.offset : flt.offset + flt.limit]]
+    if not page:
+        return [], len(ranked)
+    with db.reader() as session:
+        full = session.execute(_row_query().where(Study.id.in_(page))).all()
+    by_pk = {row[0].id: _item(*row, now=now, policy=policy) for row in full}
+    return [by_pk[pk] for pk in page if pk in by_pk], len(ranked)
 
 
 def get_item(
@@ -353,16 +392,22 @@ def change_reading_state(
             values.update(dismissed_by=who[:64], dismissed_at=now)
         else:
             values.update(opened_by=None, opened_at=None)
+        inserted = 0
         if current_text is None:
-            conn.execute(
-                _insert(db.dialect)(ReadingStatus.__table__).values(study_pk=study_pk, **values)
-            )
-        else:
-            conn.execute(
+            # The follow-up may create the row at the same moment: then update it instead.
+            inserted = conn.execute(
+                _insert(db.dialect)(ReadingStatus.__table__)
+                .values(study_pk=study_pk, **values)
+                .on_conflict_do_nothing(index_elements=["study_pk"])
+            ).rowcount
+        if not inserted:
+            changed = conn.execute(
                 update(ReadingStatus.__table__)
                 .where(ReadingStatus.study_pk == study_pk, ReadingStatus.reading_state == current)
                 .values(**values)
-            )
+            ).rowcount
+            if not changed:
+                raise TransitionError("the study's reading state changed meanwhile; reload")
     return current
 
 

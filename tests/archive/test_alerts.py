@@ -7,18 +7,13 @@ archive functions (tests/worklist_support.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from hl7apy.core import Message
-from hl7apy.parser import parse_message
 from sqlalchemy import select
 
 from archive.config import Hl7Target, Settings, WebhookTarget
@@ -28,94 +23,7 @@ from archive.index import DeliveryOutbox, utcnow
 from archive.ingest import Ingest
 from archive.outbox import deliver_due
 from archive.store import FileStore
-from tests.worklist_support import triaged_study
-
-
-class WebhookReceiver:
-    """An HTTP server recording POSTed JSON; answers the given statuses in turn, then 200."""
-
-    def __init__(self, statuses: list[int] | None = None) -> None:
-        self.statuses = list(statuses or [])
-        self.requests: list[tuple[dict[str, str], dict]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length))
-                receiver.requests.append((dict(self.headers), body))
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
-
-    def __enter__(self) -> WebhookReceiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class MllpReceiver:
-    """A RIS stand-in: accepts MLLP-framed HL7 v2 messages and acknowledges each (ACK)."""
-
-    def __init__(self, codes: list[str] | None = None) -> None:
-        self.codes = list(codes or [])
-        self.messages: list[Message] = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                data = b""
-                while b"\x1c\x0d" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                text = data[data.find(b"\x0b") + 1 : data.find(b"\x1c\x0d")].decode()
-                message = parse_message(text)
-                self.messages.append(message)
-                code = self.codes.pop(0) if self.codes else "AA"
-                ack = Message("ACK", version="2.5")
-                ack.msh.msh_3 = "RIS"
-                ack.msh.msh_9 = "ACK^R01^ACK"
-                ack.msh.msh_10 = "ACK1"
-                ack.msh.msh_11 = "P"
-                ack.msa.msa_1 = code
-                ack.msa.msa_2 = message.msh.msh_10.value
-                conn.sendall(b"\x0b" + ack.to_er7().encode() + b"\x1c\x0d")
-
-    def __enter__(self) -> MllpReceiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self.thread.join(5)
-        self.sock.close()
+from tests.worklist_support import MllpReceiver, WebhookReceiver, triaged_study
 
 
 @pytest.fixture
@@ -295,3 +203,37 @@ def test_sent_alert_is_not_resent_after_a_restart(tmp_path: Path, restart_db: st
         )
         restarted.dispose()
     assert len(receiver.requests) == 1
+
+
+def test_delivery_state_is_shown_per_study(tmp_path: Path, node) -> None:
+    """``GET /api/worklist/{uid}`` says, per target, whether its alert went out."""
+    from fastapi.testclient import TestClient
+
+    from archive.config import HttpToken
+    from archive.http import AppContext, TokenBook, create_app
+
+    db, ingest, store = node
+    with WebhookReceiver(statuses=[500]) as receiver:
+        settings = settings_for(
+            tmp_path,
+            alert_webhooks=[WebhookTarget(name="pager", url=receiver.url)],
+            http_tokens=[HttpToken(name="reader", token="q" * 24, scopes=["read"])],
+        )
+        made = triaged_study(db, ingest, settings, probability=0.97)
+        deliver_due(db, settings, store)
+        ctx = AppContext(
+            settings=settings,
+            db=db,
+            file_store=store,
+            ingest=ingest,
+            tokens=TokenBook.from_settings(settings),
+        )
+        with TestClient(create_app(ctx)) as client:
+            item = client.get(
+                f"/api/worklist/{made.study_instance_uid}",
+                headers={"Authorization": f"Bearer {'q' * 24}"},
+            ).json()
+    (delivery,) = item["deliveries"]
+    assert delivery["channel"] == "webhook:pager"
+    assert (delivery["kind"], delivery["status"], delivery["attempts"]) == ("alert", "pending", 1)
+    assert delivery["last_error"] == "DeliveryError: webhook answered HTTP 500"

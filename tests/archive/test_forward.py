@@ -20,9 +20,10 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from archive.config import DicomwebDestination, ForwardDestination, Settings
+from archive.config import DicomwebDestination, ForwardDestination, HttpToken, Settings
 from archive.db import Database
-from archive.index import DeliveryOutbox, utcnow
+from archive.http import AppContext, HttpService, TokenBook, create_app
+from archive.index import DeliveryOutbox, Instance, Series, Study, utcnow
 from archive.ingest import Ingest
 from archive.outbox import deliver_due
 from archive.store import FileStore
@@ -174,3 +175,56 @@ def test_sr_and_key_image_by_stow_rs(tmp_path: Path, node) -> None:
     assert stow.content_types[0].startswith("multipart/related")
     assert sorted(str(ds.SOPClassUID) for ds in stow.datasets) == sorted([SR_CLASS, SC_CLASS])
     assert {str(ds.StudyInstanceUID) for ds in stow.datasets} == {made.study_instance_uid}
+
+
+def test_sr_and_key_image_by_stow_rs_into_another_pacs_triage_node(tmp_path: Path, node) -> None:
+    """A second archive's real DICOMweb service (``/dicom-web``, bearer token) receives them."""
+    db, ingest, store = node
+    token = "stow-writer-token-0123456789"
+    other_settings = Settings(
+        data_dir=tmp_path / "other",
+        fsync=False,
+        http_port=0,
+        http_tokens=[HttpToken(name="forwarder", token=token, scopes=["write"])],
+    )
+    other_db = Database(other_settings.resolved_database_url, durable=False)
+    other_db.upgrade()
+    other_store = FileStore(other_settings.data_dir, fsync=False)
+    service = HttpService(
+        other_settings,
+        create_app(
+            AppContext(
+                settings=other_settings,
+                db=other_db,
+                file_store=other_store,
+                ingest=Ingest(other_db, other_store),
+                tokens=TokenBook.from_settings(other_settings),
+            )
+        ),
+    )
+    service.start()
+    try:
+        settings = Settings(
+            data_dir=tmp_path / "node",
+            fsync=False,
+            forward_dicomweb=[
+                DicomwebDestination(
+                    name="other",
+                    url=f"http://127.0.0.1:{service.port}/dicom-web",
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            ],
+        )
+        made = triaged_study(db, ingest, settings, probability=0.97)
+        assert deliver_due(db, settings, store)["sent"] == 1, rows(db)
+    finally:
+        service.stop()
+    with other_db.reader() as session:
+        received = session.execute(
+            select(Instance.sop_class_uid, Study.study_instance_uid)
+            .join(Series, Series.id == Instance.series_pk)
+            .join(Study, Study.id == Series.study_pk)
+        ).all()
+    other_db.dispose()
+    assert sorted(c for c, _ in received) == sorted([SR_CLASS, SC_CLASS])
+    assert {uid for _, uid in received} == {made.study_instance_uid}

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from archive.config import HttpToken, Settings
 from archive.db import Database
+from archive.followup import after_triage
 from archive.http import AppContext, TokenBook, create_app
-from archive.index import Study, utcnow
+from archive.index import Instance, Series, Study, utcnow
 from archive.ingest import Ingest
 from archive.store import FileStore
 from archive.triage import claim_next_job, start_analysis
@@ -386,3 +387,30 @@ class TestPage:
         env.client.delete("/api/worklist/session")
         env.client.cookies.clear()
         assert env.client.get("/api/worklist/whoami").status_code == 401
+
+
+class TestKeyImage:
+    def test_key_image_is_stored_in_the_study_once(self, env: Env) -> None:
+        made = triaged_study(env.db, env.ingest, env.settings, probability=0.97)
+        after_triage(
+            env.db, made.study_pk, made.generation, settings=env.settings, ingest=env.ingest
+        )
+        with env.db.reader() as session:
+            stored = session.execute(
+                select(Instance.sop_instance_uid, Instance.sop_class_uid, Series.series_number)
+                .join(Series, Series.id == Instance.series_pk)
+                .where(Series.study_pk == made.study_pk, Series.modality != "CT")
+                .order_by(Series.series_number)
+            ).all()
+        item = env.client.get(f"/api/worklist/{made.study_instance_uid}", headers=READ).json()
+        sr, sc = stored
+        assert sr.sop_class_uid == "1.2.840.10008.5.1.4.1.1.88.34"
+        assert (sc.sop_class_uid, sc.series_number) == ("1.2.840.10008.5.1.4.1.1.7", 9902)
+        assert item["key_image_sop_instance_uid"] == sc.sop_instance_uid
+
+    def test_key_image_can_be_turned_off(self, env: Env) -> None:
+        settings = env.settings.model_copy(update={"key_image_enabled": False})
+        made = triaged_study(env.db, env.ingest, settings, probability=0.97)
+        item = env.client.get(f"/api/worklist/{made.study_instance_uid}", headers=READ).json()
+        assert item["key_image_sop_instance_uid"] is None
+        assert item["headline"].startswith("Hemorrhage (p=0.97)")

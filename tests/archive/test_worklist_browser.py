@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from archive.config import HttpToken, Settings
@@ -88,6 +90,12 @@ def node(tmp_path: Path) -> Iterator[tuple[str, Database, Ingest, Settings]]:
     db.dispose()
 
 
+def click(driver: webdriver.Chrome, selector: str) -> bool:
+    """Find and click in one go (a live update may replace the element in between)."""
+    driver.find_element(By.CSS_SELECTOR, selector).click()
+    return True
+
+
 def rows(driver: webdriver.Chrome) -> list[str]:
     return [r.get_attribute("data-uid") for r in driver.find_elements(By.CSS_SELECTOR, "tr.row")]
 
@@ -99,7 +107,8 @@ def test_login_stat_on_top_live_update_and_mark_opened(browser, node) -> None:
         db, ingest, settings, probability=None, failure_reason="pixel data could not be decoded"
     )
     stat = triaged_study(db, ingest, settings, probability=0.97)
-    wait = WebDriverWait(browser, 20)
+    # The list re-renders on every live update: an element found a moment ago may be gone.
+    wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
 
     browser.get(f"{base}/worklist")
     wait.until(lambda d: d.find_element(By.ID, "token").is_displayed())
@@ -114,8 +123,15 @@ def test_login_stat_on_top_live_update_and_mark_opened(browser, node) -> None:
     assert "prio-STAT" in top.get_attribute("class")
     assert top.find_element(By.CSS_SELECTOR, ".badge").text == "STAT"
     assert "Hemorrhage (p=0.97)" in top.find_element(By.CSS_SELECTOR, ".finding").text
-    thumb = top.find_element(By.CSS_SELECTOR, "img.thumb")
-    wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", thumb) > 0)
+    wait.until(
+        lambda d: (
+            d.execute_script(
+                "const i = document.querySelector('tr.row img.thumb');"
+                " return i ? i.naturalWidth : 0"
+            )
+            > 0
+        )
+    )
     assert rows(browser) == [
         stat.study_instance_uid,
         routine.study_instance_uid,
@@ -135,8 +151,9 @@ def test_login_stat_on_top_live_update_and_mark_opened(browser, node) -> None:
     assert browser.execute_script("return window.__sameDocument") == "yes"
     assert rows(browser)[1] == stat.study_instance_uid
 
-    new_row = browser.find_element(By.CSS_SELECTOR, f'tr[data-uid="{newer.study_instance_uid}"]')
-    new_row.find_element(By.CSS_SELECTOR, "button.action-opened").click()
+    wait.until(
+        lambda d: click(d, f'tr[data-uid="{newer.study_instance_uid}"] button.action-opened')
+    )
     wait.until(
         lambda d: (
             d.find_element(
@@ -154,6 +171,36 @@ def test_login_stat_on_top_live_update_and_mark_opened(browser, node) -> None:
     path = ARTIFACTS / "worklist.png"
     assert browser.save_screenshot(str(path))
     assert path.stat().st_size > 10_000
+
+    # Keyboard: j moves the selection down, Enter enlarges the key image, Escape closes it.
+    body = browser.find_element(By.TAG_NAME, "body")
+    selected = lambda d: d.find_element(By.CSS_SELECTOR, "tr.row.selected").get_attribute(  # noqa: E731
+        "data-uid"
+    )
+    before = selected(browser)
+    body.send_keys("j")
+    wait.until(lambda d: selected(d) != before)
+    body.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.ID, "viewer").is_displayed())
+    image = browser.find_element(By.ID, "viewer-image")
+    wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) > 0)
+    browser.save_screenshot(str(ARTIFACTS / "worklist-key-image.png"))
+    body.send_keys(Keys.ESCAPE)
+    wait.until(lambda d: not d.find_element(By.ID, "viewer").is_displayed())
+
+    # On a phone the rows become cards: nothing is cut off sideways.
+    browser.set_window_size(390, 844)
+    wait.until(lambda d: d.execute_script("return window.innerWidth") <= 400)
+    overflow = browser.execute_script(
+        "return document.scrollingElement.scrollWidth - window.innerWidth"
+    )
+    assert overflow <= 1
+    browser.save_screenshot(str(ARTIFACTS / "worklist-phone.png"))
+    browser.set_window_size(1400, 1000)
+
+    # The quality view counts the model's flagged studies.
+    browser.get(f"{base}/worklist/quality")
+    wait.until(lambda d: "test-ich 1.0.0" in d.find_element(By.ID, "models").text)
 
 
 def test_system_browser_is_used(browser) -> None:

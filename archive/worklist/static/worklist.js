@@ -86,12 +86,13 @@ function findingCell(item) {
 
 function thumbCell(item) {
   const cell = text("td");
-  const hasImage = item.triage_state === "triaged" || item.key_image_sop_instance_uid;
-  if (!hasImage) return cell;
+  // Key image when the AI stored one, else a middle slice; none while images still arrive.
+  if (item.triage_state === "waiting_for_images") return cell;
   const img = document.createElement("img");
   img.className = "thumb";
   img.loading = "lazy";
-  img.alt = "key image";
+  img.alt = item.key_image_sop_instance_uid ? "key image" : "middle slice";
+  img.addEventListener("error", () => img.remove());
   const version = encodeURIComponent(item.key_image_sop_instance_uid || String(item.generation));
   img.src = `/api/worklist/${item.StudyInstanceUID}/thumbnail.png?size=192&v=${version}`;
   img.addEventListener("click", () => enlarge(item));

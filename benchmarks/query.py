@@ -1,0 +1,360 @@
+"""Query latency: C-FIND and QIDO-RS on pacs-triage (SQLite, PostgreSQL) against Orthanc.
+
+Fills an index with synthetic rows (default 100k studies, 1M instances: bulk
+SQL inserts, no files), starts a real ``pacs-triage serve`` on it, and times
+study-level queries by PatientID, AccessionNumber, StudyInstanceUID, a one-day
+StudyDate range and a PatientName prefix wild card: C-FIND from pynetdicom on
+one kept association (TCP_NODELAY on the SCU socket) and QIDO-RS over one
+keep-alive HTTP session. Orthanc (Debian package) is loaded with as many of the
+same studies as ``--orthanc-studies`` (one instance each, through its REST API)
+and answers the same C-FIND queries; its REST ``/tools/find`` stands in for
+QIDO-RS (the DICOMweb plugin is not installed). PostgreSQL runs in a database
+``bench_query`` created and dropped by the script.
+
+Run: ``python -m benchmarks.query [--studies 100000] [--orthanc-studies 2000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import requests
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from sqlalchemy import create_engine, insert, text
+from sqlalchemy.engine import make_url
+
+from archive.db import Database
+from archive.index import Instance, Patient, Series, Study
+from tests.dicom_factory import ct_dataset, part10_bytes
+from tests.peers import NodeProcess, OrthancPeer
+
+PG_ADMIN_URL = os.environ.get(
+    "PACS_TRIAGE_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
+)
+ROOT = "1.2.826.0.1.3680043.8.498.77"
+SERIES_PER_STUDY = 2
+INSTANCES_PER_SERIES = 5
+REPEATS = 60
+
+
+def hardware() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{platform.node()}: {os.cpu_count()} x {cpu}, Python {platform.python_version()}"
+
+
+def study_values(n: int) -> dict[str, str]:
+    """The attributes of synthetic study `n` (shared by the index fill and Orthanc)."""
+    day = 1 + n % 3650
+    year, rest = 2015 + day // 365, day % 365
+    return {
+        "PatientID": f"PID{n // 2:07d}",
+        "PatientName": f"SURNAME{n // 2:07d}^GIVEN",
+        "AccessionNumber": f"ACC{n:08d}",
+        "StudyInstanceUID": f"{ROOT}.{n}",
+        "StudyDate": f"{year:04d}{1 + rest // 31:02d}{1 + rest % 28:02d}",
+    }
+
+
+def fill(url: str, studies: int) -> None:
+    """Bulk-insert `studies` studies (two per patient) with their series and instances."""
+    engine = create_engine(url)
+    now = datetime.now(UTC)
+    chunk = 5000
+    with engine.begin() as conn:
+        for start in range(0, studies, chunk):
+            stop = min(start + chunk, studies)
+            patients, study_rows, series_rows, instance_rows = [], [], [], []
+            for n in range(start, stop):
+                v = study_values(n)
+                if n % 2 == 0:
+                    patients.append(
+                        {
+                            "id": n // 2 + 1,
+                            "patient_id": v["PatientID"],
+                            "issuer_of_patient_id": "",
+                            "patient_name": v["PatientName"],
+                            "patient_birth_date": "19700101",
+                            "patient_sex": "O",
+                        }
+                    )
+                study_rows.append(
+                    {
+                        "id": n + 1,
+                        "study_instance_uid": v["StudyInstanceUID"],
+                        "patient_pk": n // 2 + 1,
+                        "study_date": v["StudyDate"],
+                        "study_time": "120000",
+                        "accession_number": v["AccessionNumber"],
+                        "study_id": "1",
+                        "study_description": "CT ABDOMEN",
+                        "referring_physician_name": "",
+                        "modalities_in_study": "CT",
+                        "number_of_study_related_series": SERIES_PER_STUDY,
+                        "number_of_study_related_instances": SERIES_PER_STUDY
+                        * INSTANCES_PER_SERIES,
+                        "first_received_at": now,
+                        "last_received_at": now,
+                    }
+                )
+                for s in range(SERIES_PER_STUDY):
+                    series_pk = n * SERIES_PER_STUDY + s + 1
+                    series_rows.append(
+                        {
+                            "id": series_pk,
+                            "series_instance_uid": f"{v['StudyInstanceUID']}.{s + 1}",
+                            "study_pk": n + 1,
+                            "modality": "CT",
+                            "series_number": s + 1,
+                            "series_description": "",
+                            "body_part_examined": "ABDOMEN",
+                            "number_of_series_related_instances": INSTANCES_PER_SERIES,
+                            "last_received_at": now,
+                        }
+                    )
+                    for i in range(INSTANCES_PER_SERIES):
+                        instance_rows.append(
+                            {
+                                "sop_instance_uid": f"{v['StudyInstanceUID']}.{s + 1}.{i + 1}",
+                                "series_pk": series_pk,
+                                "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+                                "instance_number": i + 1,
+                                "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+                                "path": "none",
+                                "size": 0,
+                                "sha256": "0" * 64,
+                                "received_at": now,
+                                "calling_ae_title": "BENCH",
+                                "source_address": "",
+                            }
+                        )
+            if patients:
+                conn.execute(insert(Patient), patients)
+            conn.execute(insert(Study), study_rows)
+            conn.execute(insert(Series), series_rows)
+            conn.execute(insert(Instance), instance_rows)
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT setval('patient_id_seq', (SELECT max(id) FROM patient))"))
+            conn.execute(text("SELECT setval('study_id_seq', (SELECT max(id) FROM study))"))
+            conn.execute(text("SELECT setval('series_id_seq', (SELECT max(id) FROM series))"))
+    with engine.connect() as conn:
+        conn.execute(text("ANALYZE"))
+        conn.commit()
+    engine.dispose()
+
+
+def queries(studies: int, rng: random.Random) -> dict[str, Callable[[], dict[str, str]]]:
+    """Each typical query, as a maker of random instances of it."""
+
+    def pick() -> dict[str, str]:
+        return study_values(rng.randrange(studies))
+
+    def date_range() -> dict[str, str]:
+        d = pick()["StudyDate"]
+        return {"StudyDate": f"{d}-{d}"}  # a one-day range: ~30 of 100k studies
+
+    return {
+        "PatientID": lambda: {"PatientID": pick()["PatientID"]},
+        "AccessionNumber": lambda: {"AccessionNumber": pick()["AccessionNumber"]},
+        "StudyInstanceUID": lambda: {"StudyInstanceUID": pick()["StudyInstanceUID"]},
+        "StudyDate range": date_range,
+        "PatientName wildcard": lambda: {"PatientName": pick()["PatientName"][:13] + "*"},
+    }
+
+
+def time_cfind(port: int, make: Callable[[], dict[str, str]]) -> list[float]:
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ANY")
+    assert assoc.is_established, "association refused"
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    try:
+        for _ in range(REPEATS):
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.StudyInstanceUID = ""
+            identifier.PatientName = ""
+            identifier.StudyDate = ""
+            identifier.NumberOfStudyRelatedInstances = ""
+            for keyword, value in make().items():
+                setattr(identifier, keyword, value)
+            start = time.perf_counter()
+            responses = list(
+                assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
+            )
+            times.append((time.perf_counter() - start) * 1000)
+            assert responses[-1][0].Status == 0, hex(responses[-1][0].Status)
+    finally:
+        assoc.release()
+    return times
+
+
+def time_http(
+    do: Callable[[dict[str, str]], int], make: Callable[[], dict[str, str]]
+) -> list[float]:
+    times = []
+    for _ in range(REPEATS):
+        params = make()
+        start = time.perf_counter()
+        code = do(params)
+        times.append((time.perf_counter() - start) * 1000)
+        assert code == 200, code
+    return times
+
+
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def report(results: dict[tuple[str, str, str], list[float]]) -> None:
+    print(f"\n{'peer':<22}{'service':<10}{'query':<22}{'p50 ms':>9}{'p95 ms':>9}")
+    for (peer, service, name), times in results.items():
+        print(f"{peer:<22}{service:<10}{name:<22}{p(times, 0.5):9.2f}{p(times, 0.95):9.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", type=int, default=100_000)
+    parser.add_argument("--orthanc-studies", type=int, default=2000)
+    args = parser.parse_args()
+    print(hardware())
+    print(
+        f"index: {args.studies} studies, {args.studies * SERIES_PER_STUDY} series, "
+        f"{args.studies * SERIES_PER_STUDY * INSTANCES_PER_SERIES} instances"
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="bench-query-"))
+    admin = create_engine(make_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
+    pg_url = make_url(PG_ADMIN_URL).set(database="bench_query").render_as_string(False)
+    results: dict[tuple[str, str, str], list[float]] = {}
+    rng = random.Random(7)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text('DROP DATABASE IF EXISTS "bench_query" WITH (FORCE)'))
+            conn.execute(text('CREATE DATABASE "bench_query"'))
+        backends = {
+            "pacs-triage SQLite": f"sqlite:///{workdir / 'index.sqlite'}",
+            "pacs-triage PostgreSQL": pg_url,
+        }
+        for name, url in backends.items():
+            start = time.perf_counter()
+            Database(url).upgrade()
+            fill(url, args.studies)
+            print(f"{name}: filled in {time.perf_counter() - start:.0f} s")
+            node = NodeProcess(
+                workdir / name.split()[-1],
+                env={
+                    "PACS_TRIAGE_DATABASE_URL": url,
+                    "PACS_TRIAGE_FSYNC": "false",
+                    # The synthetic studies must not all become "ready" for triage
+                    # while we measure: that is a burst of writes, not a query load.
+                    "PACS_TRIAGE_STABLE_AFTER_SECONDS": "1e9",
+                    "PACS_TRIAGE_STABLE_AFTER_RELEASE_SECONDS": "1e9",
+                },
+            ).start()
+            try:
+                for query, make in queries(args.studies, rng).items():
+                    results[(name, "C-FIND", query)] = time_cfind(node.dicom_port, make)
+                    # A new keep-alive session per query: uvicorn closes idle ones after 5 s.
+                    session = requests.Session()
+                    session.headers.update(node.auth_headers)
+
+                    def qido(
+                        params: dict[str, str],
+                        session: requests.Session = session,
+                        node: NodeProcess = node,
+                    ) -> int:
+                        return session.get(
+                            f"{node.http_url}/dicom-web/studies", params=params, timeout=30
+                        ).status_code
+
+                    results[(name, "QIDO-RS", query)] = time_http(qido, make)
+            finally:
+                node.stop()
+        with OrthancPeer() as orthanc:
+            start = time.perf_counter()
+            http = requests.Session()
+            for n in range(args.orthanc_studies):
+                v = study_values(n * (args.studies // args.orthanc_studies))
+                ds = ct_dataset(
+                    study_instance_uid=v["StudyInstanceUID"],
+                    series_instance_uid=v["StudyInstanceUID"] + ".1",
+                    sop_instance_uid=v["StudyInstanceUID"] + ".1.1",
+                    patient_id=v["PatientID"],
+                    patient_name=v["PatientName"],
+                    accession_number=v["AccessionNumber"],
+                    study_date=v["StudyDate"],
+                    rows=8,
+                    columns=8,
+                )
+                http.post(f"{orthanc.url}/instances", data=part10_bytes(ds), timeout=30)
+            print(
+                f"Orthanc: loaded {args.orthanc_studies} studies in "
+                f"{time.perf_counter() - start:.0f} s"
+            )
+            loaded = [
+                n * (args.studies // args.orthanc_studies) for n in range(args.orthanc_studies)
+            ]
+            orthanc_rng = random.Random(7)
+
+            def pick_loaded() -> dict[str, str]:
+                return study_values(orthanc_rng.choice(loaded))
+
+            orthanc_queries = {
+                "PatientID": lambda: {"PatientID": pick_loaded()["PatientID"]},
+                "AccessionNumber": lambda: {"AccessionNumber": pick_loaded()["AccessionNumber"]},
+                "StudyInstanceUID": lambda: {"StudyInstanceUID": pick_loaded()["StudyInstanceUID"]},
+                "StudyDate range": lambda: {
+                    "StudyDate": (d := pick_loaded()["StudyDate"]) + f"-{d}"
+                },
+                "PatientName wildcard": lambda: {
+                    "PatientName": pick_loaded()["PatientName"][:13] + "*"
+                },
+            }
+            for query, make in orthanc_queries.items():
+                results[("Orthanc", "C-FIND", query)] = time_cfind(orthanc.dicom_port, make)
+                http = requests.Session()
+
+                def rest_find(params: dict[str, str], http: requests.Session = http) -> int:
+                    body = {"Level": "Study", "Query": params, "Expand": True}
+                    return http.post(
+                        f"{orthanc.url}/tools/find", data=json.dumps(body), timeout=30
+                    ).status_code
+
+                results[("Orthanc", "REST find", query)] = time_http(rest_find, make)
+        report(results)
+        print(
+            "\nratios (Orthanc C-FIND p50 / pacs-triage C-FIND p50; > 1 means pacs-triage faster):"
+        )
+        for query in queries(1, rng):
+            orthanc_p50 = p(results[("Orthanc", "C-FIND", query)], 0.5)
+            for name in backends:
+                ours = p(results[(name, "C-FIND", query)], 0.5)
+                print(f"  {query:<22}{name:<24}{orthanc_p50 / ours:6.2f}")
+        print(f"(Orthanc held {args.orthanc_studies} studies; pacs-triage held {args.studies})")
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text('DROP DATABASE IF EXISTS "bench_query" WITH (FORCE)'))
+        admin.dispose()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The Prefect flow ``run_cohort``: one saved research cohort in, every study analysed.
+
+Accepts the name of a cohort saved by :mod:`archive.cohorts`; maps the
+cohort's model over its pending studies with bounded concurrency, one task
+run per study (:func:`analyse_study`, a call into
+:func:`archive.cohort_analysis.analyse_cohort_study`). The run is on the low
+priority lane: before each study it waits while clinical triage jobs are
+queued or running (:func:`archive.cohorts.clinical_work_waiting`), and the
+process keeps torch to ``cohort_torch_threads`` threads, so a clinical study
+never waits behind research work for more than the one study in flight. In
+distributed mode the same flow is a deployment on the ``cohort`` work queue
+(priority 10, after ``triage``; see :mod:`archive.cohort_runner`).
+
+Idempotent and resumable: studies already done are not claimed again; a run
+that was killed leaves its in-flight studies ``running``, and the next run
+puts them back (:func:`archive.cohorts.begin_run`); results are cached per
+(series content, model, version, weights) so a study interrupted after its
+inference is not inferred twice. A study that fails is recorded as failed
+with its reason while the others go on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from archive.cohort_analysis import analyse_cohort_study
+from archive.cohorts import (
+    ClaimedItem,
+    CohortError,
+    CohortInfo,
+    CohortItemStatusValues,
+    ItemOutcome,
+    begin_run,
+    claim_next_item,
+    clinical_work_waiting,
+    end_run,
+    finish_item,
+    get_cohort,
+    heartbeat,
+)
+from flows import runtime
+from flows.triage import retry_transient
+
+logger = logging.getLogger(__name__)
+
+MAX_CONCURRENCY = 16
+HEARTBEAT_SECONDS = 10.0
+
+
+def cohort_model(cohort: CohortInfo) -> Any:
+    """The installed model of the cohort, refusing other weights than the cohort was made with.
+
+    Raises
+    ------
+    CohortError
+        The model version is not installed, or its weights changed since the
+        cohort was created (a run must be reproducible).
+    """
+    registry = runtime.current().registry
+    try:
+        model = registry.get(cohort.model_name, cohort.model_version)  # type: ignore[attr-defined]
+    except LookupError as exc:
+        raise CohortError(f"cohort {cohort.name!r}: {exc}") from None
+    if model.identity.weights_sha256 != cohort.weights_sha256:
+        raise CohortError(
+            f"cohort {cohort.name!r}: model {cohort.model_name} {cohort.model_version} has other "
+            f"weights (sha256 {model.identity.weights_sha256[:12]}) than when the cohort was "
+            f"created ({cohort.weights_sha256[:12]})"
+        )
+    return model
+
+
+@task(
+    name="analyse-study",
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def analyse_study(cohort: CohortInfo, item: ClaimedItem, write_sr: bool) -> str:
+    """Run the cohort's model on one study and record the outcome; returns the study's status."""
+    rt = runtime.current()
+    outcome = analyse_cohort_study(
+        rt.db,
+        rt.file_store,
+        rt.ingest,
+        cohort_model(cohort),
+        item,
+        cohort_name=cohort.name,
+        write_sr=write_sr,
+        software_versions=runtime.software_versions(),
+    )
+    finish_item(rt.db, item.id, outcome)
+    if outcome.status is CohortItemStatusValues.FAILED:
+        logger.warning(
+            "cohort %s: study %s failed: %s", cohort.name, item.study_instance_uid, outcome.error
+        )
+    return outcome.status.value
+
+
+class _Lane:
+    """Waits while clinical triage has work (clinical first); keeps the run's heartbeat.
+
+    The heartbeat is a thread, so a long study does not make the run look dead
+    to another run that would take the cohort over.
+    """
+
+    def __init__(self, cohort: CohortInfo, run_id: str) -> None:
+        rt = runtime.current()
+        self.db = rt.db
+        self.settings = rt.settings
+        self.cohort = cohort
+        self.run_id = run_id
+        self.waited_seconds = 0.0
+        self.taken_over = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="cohort-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Lane:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                if not heartbeat(self.db, self.cohort.id, self.run_id):
+                    self.taken_over = True
+                    return
+            except Exception:
+                logger.exception("cohort %s: heartbeat failed", self.cohort.name)
+
+    def check(self) -> None:
+        if self.taken_over:
+            raise CohortError(f"cohort {self.cohort.name!r} was taken over by another run")
+
+    def wait_for_clinical(self) -> None:
+        if not self.settings.cohort_yield_to_triage:
+            return
+        started = time.monotonic()
+        announced = False
+        while True:
+            waiting = clinical_work_waiting(
+                self.db, stale_pending_seconds=self.settings.cohort_stale_triage_seconds
+            )
+            if not waiting:
+                break
+            if not announced:
+                logger.info(
+                    "cohort %s yields to %d clinical triage job(s)", self.cohort.name, waiting
+                )
+                announced = True
+            self.check()
+            time.sleep(self.settings.cohort_yield_poll_seconds)
+        self.waited_seconds += time.monotonic() - started
+
+
+def _limit_threads() -> None:
+    threads = runtime.current().settings.cohort_torch_threads
+    if threads > 0:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+@flow(
+    name="run_cohort",
+    persist_result=False,
+    log_prints=False,
+    validate_parameters=False,
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENCY),
+)
+def run_cohort(
+    cohort_name: str,
+    concurrency: int | None = None,
+    write_sr: bool | None = None,
+    max_studies: int | None = None,
+) -> dict[str, Any]:
+    """Analyse the cohort's pending studies with its model, clinical triage first.
+
+    Parameters
+    ----------
+    cohort_name : str
+        A cohort saved with ``pacs-triage cohort create``.
+    concurrency : int | None
+        Studies analysed at once (default ``cohort_concurrency``, at most 16).
+    write_sr : bool | None
+        Store a research SR into each analysed study (default: the cohort's choice).
+    max_studies : int | None
+        Stop after claiming this many studies (the rest stay pending for the next run).
+
+    Returns
+    -------
+    dict
+        ``status`` of the cohort, ``processed`` (studies claimed by this run),
+        ``counts`` per study status, ``seconds`` and ``yield_seconds`` (time spent
+        waiting for clinical triage).
+    """
+    rt = runtime.current()
+    cohort = get_cohort(rt.db, cohort_name)
+    cohort_model(cohort)  # refuse to start with the wrong model
+    workers = max(1, min(concurrency or rt.settings.cohort_concurrency, MAX_CONCURRENCY))
+    write = cohort.write_sr if write_sr is None else write_sr
+    _limit_threads()
+    from prefect.runtime import flow_run
+
+    run_id = str(flow_run.get_id() or uuid.uuid4())
+    resumed = begin_run(
+        rt.db, cohort.id, run_id, stale_after_seconds=rt.settings.cohort_stale_run_seconds
+    )
+    logger.info(
+        "cohort %s: run %s started (%d of %d studies open, %d put back from an interrupted run)",
+        cohort.name,
+        run_id,
+        cohort.total - cohort.finished,
+        cohort.total,
+        resumed,
+    )
+    lane = _Lane(cohort, run_id)
+    started = time.perf_counter()
+    in_flight: dict[concurrent.futures.Future[Any], tuple[Any, ClaimedItem]] = {}
+    processed = 0
+
+    def reap(block: bool) -> None:
+        if not in_flight:
+            return
+        done, _ = concurrent.futures.wait(
+            list(in_flight),
+            timeout=None if block else 0,
+            return_when=concurrent.futures.FIRST_COMPLETED,
+        )
+        for wrapped in done:
+            future, item = in_flight.pop(wrapped)
+            try:
+                future.result(raise_on_failure=True)
+            except Exception as exc:
+                # The task itself failed after its retries (not the study's analysis,
+                # which records its own failure): record it so no study stays running.
+                reason = f"run error after retries: {type(exc).__name__}: {str(exc)[:300]}"
+                finish_item(
+                    rt.db, item.id, ItemOutcome(CohortItemStatusValues.FAILED, error=reason)
+                )
+
+    with lane:
+        while max_studies is None or processed < max_studies:
+            while len(in_flight) >= workers:
+                reap(block=True)
+            reap(block=False)
+            lane.wait_for_clinical()
+            lane.check()
+            item = claim_next_item(rt.db, cohort.id)
+            if item is None:
+                break
+            future = analyse_study.submit(cohort, item, write)
+            in_flight[future.wrapped_future] = (future, item)
+            processed += 1
+        while in_flight:
+            reap(block=True)
+
+    status = end_run(rt.db, cohort.id, run_id)
+    final = get_cohort(rt.db, cohort.name)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "cohort %s: run %s ended %s after %.1f s: %s (%.1f s yielded to triage)",
+        cohort.name,
+        run_id,
+        status.value,
+        seconds,
+        final.counts,
+        lane.waited_seconds,
+    )
+    return {
+        "status": status.value,
+        "processed": processed,
+        "counts": final.counts,
+        "seconds": seconds,
+        "yield_seconds": lane.waited_seconds,
+    }
