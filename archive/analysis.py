@@ -104,7 +104,8 @@ class StudyPlan:
     study_instance_uid: str
     series: tuple[SeriesPlan, ...]
     headers: tuple[Dataset, ...] = field(repr=False)
-    """Headers (no pixel data) of every image instance: the SR's evidence."""
+    """The SR's evidence: each series' first header (no pixel data), then the
+    identifying UIDs of its other instances."""
     order: OrderContext = field(default_factory=OrderContext)
 
     @property
@@ -190,13 +191,18 @@ def plan_study(
             for r in series_rows
         )
         try:
-            series_headers = [read_header(i.path) for i in instances]
+            first = read_header(instances[0].path)
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             raise AnalysisError(
                 f"series {series_instance_uid}: stored file unreadable ({type(exc).__name__})"
             ) from exc
-        headers.extend(series_headers)
-        first = series_headers[0]
+        # The report needs one whole header per series (patient, study, Frame of
+        # Reference) and only the four UIDs of the other instances, which the
+        # index holds: no need to read 500 headers of a long series.
+        headers.append(first)
+        headers.extend(
+            _reference(study_instance_uid, series_instance_uid, i) for i in instances[1:]
+        )
         if order == OrderContext():
             order = OrderContext.from_dataset(first)
         descriptor = SeriesDescriptor(
@@ -218,6 +224,18 @@ def plan_study(
             )
         )
     return StudyPlan(study_pk, study_instance_uid, tuple(series_plans), tuple(headers), order)
+
+
+def _reference(
+    study_instance_uid: str, series_instance_uid: str, instance: InstanceFile
+) -> Dataset:
+    """An instance as the SR's evidence sees it: its four identifying UIDs, from the index."""
+    ds = Dataset()
+    ds.StudyInstanceUID = study_instance_uid
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.SOPClassUID = instance.sop_class_uid
+    ds.SOPInstanceUID = instance.sop_instance_uid
+    return ds
 
 
 class VolumeCache:
