@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -249,21 +250,40 @@ class VolumeCache:
     def __init__(self, capacity: int = 2) -> None:
         self.capacity = capacity
         self._volumes: OrderedDict[str, Volume] = OrderedDict()
+        self._lock = threading.Lock()  # flow runs of one node share it
 
     def get(self, fingerprint: str) -> Volume | None:
-        volume = self._volumes.get(fingerprint)
-        if volume is not None:
-            self._volumes.move_to_end(fingerprint)
-        return volume
+        with self._lock:
+            volume = self._volumes.get(fingerprint)
+            if volume is not None:
+                self._volumes.move_to_end(fingerprint)
+            return volume
 
     def put(self, fingerprint: str, volume: Volume) -> None:
-        self._volumes[fingerprint] = volume
-        self._volumes.move_to_end(fingerprint)
-        while len(self._volumes) > self.capacity:
-            self._volumes.popitem(last=False)
+        with self._lock:
+            self._volumes[fingerprint] = volume
+            self._volumes.move_to_end(fingerprint)
+            while len(self._volumes) > self.capacity:
+                self._volumes.popitem(last=False)
 
     def discard(self, fingerprint: str) -> None:
-        self._volumes.pop(fingerprint, None)
+        with self._lock:
+            self._volumes.pop(fingerprint, None)
+
+
+def needs_loading(db: Database, series: SeriesPlan) -> bool:
+    """False when every model of the series has a recorded result on exactly these images."""
+    return any(
+        cached_result(
+            db,
+            series_instance_uid=series.series_instance_uid,
+            fingerprint=series.fingerprint,
+            model=model.identity,
+            definitions=model.findings,
+        )
+        is None
+        for model in series.models
+    )
 
 
 def load_volume(series: SeriesPlan) -> Volume:

@@ -38,6 +38,7 @@ from archive.analysis import (
     TriageModel,
     load_job,
     load_volume,
+    needs_loading,
     plan_study,
     run_model,
     store_report,
@@ -102,9 +103,14 @@ def plan(study_pk: int) -> StudyPlan:
 
 
 @task(name="load-series", **_task_options)
-def load_series(series: SeriesPlan) -> tuple[int, int, int]:
-    """Load a series as a volume into this process's cache; returns its shape."""
+def load_series(series: SeriesPlan) -> tuple[int, int, int] | None:
+    """Load a series as a volume into this process's cache; returns its shape.
+
+    Nothing is loaded (None) when every model's result on these images is recorded.
+    """
     rt = runtime.current()
+    if not needs_loading(rt.db, series):
+        return None
     volume = rt.volumes.get(series.fingerprint)
     if volume is None:
         volume = load_volume(series)
