@@ -15,7 +15,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import build_context
+from pynetdicom import build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
@@ -106,12 +106,14 @@ def handle_connection_closed(event: Event, on_report: Report) -> None:
 
     The node's study stability tracker uses this to shorten the quiet period
     when the sender is done (the sender releasing its association is the best
-    sign we get that a study is complete).
+    sign we get that a study is complete). Bound to EVT_RELEASED and
+    EVT_CONN_CLOSE (types ``released`` and ``closed``); the tracker takes the
+    second report of one association as a repeat.
     """
     assoc = event.assoc
     on_report(
         {
-            "type": "closed",
+            "type": "released" if event.event is evt.EVT_RELEASED else "closed",
             "association": association_id(assoc),
             "calling_ae_title": assoc.requestor.ae_title,
             "released": bool(assoc.is_released),

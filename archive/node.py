@@ -238,7 +238,7 @@ class Node:
 
     def _association_report(self, report: dict[str, Any]) -> None:
         self.deliveries.report(report)
-        if report.get("type") == "closed":
+        if report.get("type") in ("closed", "released"):
             self.stability.wake()
 
     def start(self) -> None:

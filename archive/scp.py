@@ -343,9 +343,11 @@ def event_handlers(
         ),
     ]
     if on_report is not None:
-        bindings.append(
-            (evt.EVT_CONN_CLOSE, partial(handlers.handle_connection_closed, on_report=on_report))
-        )
+        closed = partial(handlers.handle_connection_closed, on_report=on_report)
+        # EVT_RELEASED too: pynetdicom sends the A-RELEASE-RP before it sets
+        # is_released, so a sender that closes at once can make EVT_CONN_CLOSE
+        # (another thread) report an orderly release as "not released".
+        bindings.extend([(evt.EVT_RELEASED, closed), (evt.EVT_CONN_CLOSE, closed)])
     return bindings
 
 

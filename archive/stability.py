@@ -48,7 +48,7 @@ class DeliveryTracker:
                 study = str(report["study"])
                 self._active[study].add(association)
                 self._released_at.pop(study, None)
-            elif kind == "closed":
+            elif kind in ("closed", "released"):  # both may come for one association
                 for study in report.get("studies", []):
                     senders = self._active.get(study)
                     if senders is not None:

@@ -259,3 +259,22 @@ class TestTriageJobs:
             )
         claimed = [claim_next_job(db, "n", lease_seconds=60) for _ in range(2)]
         assert {c.study_instance_uid for c in claimed if c} == {first, second}
+
+
+class TestDeliveryTrackerReleaseRace:
+    def test_release_reported_after_an_unreleased_close_still_counts(self) -> None:
+        # pynetdicom sends A-RELEASE-RP before it sets is_released: the connection
+        # close (another thread) may report "not released" before EVT_RELEASED does.
+        tracker = DeliveryTracker()
+        arrived = utcnow()
+        tracker.report({"type": "delivering", "association": "a1", "study": "1.2.3"})
+        tracker.report(
+            {"type": "closed", "association": "a1", "studies": ["1.2.3"], "released": False},
+            now=arrived + timedelta(seconds=0.1),
+        )
+        assert not tracker.sender_done("1.2.3", arrived)
+        tracker.report(
+            {"type": "released", "association": "a1", "studies": ["1.2.3"], "released": True},
+            now=arrived + timedelta(seconds=0.1),
+        )
+        assert tracker.sender_done("1.2.3", arrived)
