@@ -159,7 +159,7 @@ def main() -> None:
     source = sorted(CT_SERIES_DIR.glob("*.dcm"))
     if not source:
         sys.exit(f"no CT series at {CT_SERIES_DIR}")
-    print(f"hardware: {hardware()}")
+    print(f"hardware: {hardware()}; load average {os.getloadavg()[0]:.1f} (shared machine)")
     print(
         f"series: {len(source)} CT slices 512x512 ({CT_SERIES_DIR.name}); "
         f"quiet period {args.quiet:g} s, {args.release_quiet:g} s once the association is released"
@@ -260,6 +260,7 @@ def main() -> None:
             f"{wait_p50:.2f} / {statistics.median(orthanc_times):.2f} = "
             f"{wait_p50 / statistics.median(orthanc_times):.2f}"
         )
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
         total_p50 = statistics.median([r["total"] for r in rows])
         print(
             f"whole time to triage, ours / Orthanc's stable event alone (p50): "
