@@ -200,6 +200,9 @@ class Settings(BaseSettings):
     triage_concurrency: int = Field(default=1, ge=1)
     """Triage flow runs at once in this node (embedded mode)."""
 
+    triage_report_no_applicable_model: bool = True
+    """Store an SR saying that no model applies (off: only the triage state says so)."""
+
     triage_max_attempts: int = Field(default=3, ge=1)
     """A job whose flow run itself fails this often ends ``failed`` instead of running again."""
 

@@ -284,13 +284,19 @@ def _analyse(job: ClaimedJob, timings: dict[str, float]) -> tuple[TriageOutcome,
     failure_reason = _reason(failures) if failures else None
 
     step = time.perf_counter()
-    sr_uid, priority = report(
-        study_plan,
-        active if outcome_value is not AnalysisOutcomeValues.NO_APPLICABLE_MODEL else [],
-        outcome_value,
-        failure_reason,
-        job.generation,
-    )
+    if (
+        outcome_value is AnalysisOutcomeValues.NO_APPLICABLE_MODEL
+        and not runtime.current().settings.triage_report_no_applicable_model
+    ):
+        sr_uid, priority = None, None
+    else:
+        sr_uid, priority = report(
+            study_plan,
+            active if outcome_value is not AnalysisOutcomeValues.NO_APPLICABLE_MODEL else [],
+            outcome_value,
+            failure_reason,
+            job.generation,
+        )
     timings["report"] += time.perf_counter() - step
 
     state = {

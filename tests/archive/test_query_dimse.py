@@ -90,6 +90,8 @@ def site(
             "PACS_TRIAGE_MOVE_DESTINATIONS": json.dumps(destinations),
             "PACS_TRIAGE_DICOM_WORKERS": "2",
             "PACS_TRIAGE_FSYNC": "false",
+            # Retrieval is under test, not triage: no AI report may join the studies.
+            "PACS_TRIAGE_TRIAGE_ENABLED": "false",
         },
     ).start()
     sent: dict[str, bytes] = {}

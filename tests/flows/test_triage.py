@@ -288,6 +288,23 @@ class TestTriageStudy:
         assert evaluations(sr)["AI analysis outcome"] == "No applicable AI model"
         assert archive.model_results() == []
 
+    def test_no_applicable_model_without_sr_when_the_site_turns_it_off(
+        self, archive: Archive
+    ) -> None:
+        archive.settings = archive.settings.model_copy(
+            update={"triage_report_no_applicable_model": False}
+        )
+        study_uid = archive.store_datasets(
+            [ct_dataset(study_instance_uid=generate_uid(), body_part_examined="ABDOMEN")]
+        )
+
+        archive.triage(study_uid)
+
+        state = archive.state(study_uid)
+        assert state.state == TriageStateValues.NO_APPLICABLE_MODEL
+        assert state.sr_sop_instance_uid is None
+        assert archive.reports(study_uid) == []
+
     def test_corrupt_pixel_data_fails_the_study_with_the_reason(
         self, archive: Archive, head_ct: list[Path], tmp_path: Path
     ) -> None:
