@@ -17,6 +17,7 @@ import io
 import logging
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,12 @@ from pipeline.selection import SeriesDescriptor, SeriesRule
 from pipeline.volume import PixelDataError, Volume, VolumeError, volume_from_datasets
 
 logger = logging.getLogger(__name__)
+
+# highdicom warns about a one-component Patient Name and quotes the name: patient
+# data must not reach the logs (the name is copied into the SR as received).
+warnings.filterwarnings(
+    "ignore", message=r"The string .* is unlikely to represent the intended person name"
+)
 
 NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "SEG", "RWV", "REG", "DOC", "OT_SR"})
 """Series of these modalities hold no images to analyse (PS3.3 C.7.3.1.1.1 Modality)."""

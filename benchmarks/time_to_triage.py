@@ -22,7 +22,11 @@ storescu until its ``StableStudy`` change appears (Orthanc's stable-study
 event, the trigger Orthanc-based AI routers use). Orthanc runs no model, so
 the comparison is of completeness detection; ours includes the analysis.
 
-Usage: ``python benchmarks/time_to_triage.py [--runs N] [--quiet S]``
+With ``--distributed`` the node submits to a separate ``prefect server`` and
+a ``pacs-triage worker`` runs each flow in a new process (Prefect's process
+worker), which shows what distributed mode adds.
+
+Usage: ``python benchmarks/time_to_triage.py [--runs N] [--quiet S] [--distributed]``
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,8 +54,9 @@ from sqlalchemy import select
 
 from archive.db import Database
 from archive.index import Study, StudyTriage, TriageJob
+from archive.prefect_server import ManagedPrefectServer
 from models.testing import make_bundle
-from tests.peers import CT_SERIES_DIR, NodeProcess, OrthancPeer, storescu
+from tests.peers import CT_SERIES_DIR, REPO_ROOT, NodeProcess, OrthancPeer, storescu
 
 FINAL = ("triaged", "no_applicable_model", "failed")
 TIMING_LINE = re.compile(
@@ -121,15 +129,15 @@ def wait_final(db: Database, study_uid: str, timeout: float = 300) -> tuple[floa
     raise TimeoutError(f"study {study_uid} not triaged after {timeout} s")
 
 
-def flow_split(node: NodeProcess, study_uid: str) -> dict[str, float]:
+def flow_split(log: Callable[[], str], study_uid: str) -> dict[str, float]:
     """The flow's own timing line (logged just after the state is written)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        for match in TIMING_LINE.finditer(node.log()):
+        for match in TIMING_LINE.finditer(log()):
             if match.group("uid") == study_uid:
                 return {k: float(match.group(k)) for k in ("plan", "load", "inference", "report")}
         time.sleep(0.05)
-    raise LookupError(f"no timing line for {study_uid}")
+    raise LookupError(f"no timing line for {study_uid} in:\n{log()[-3000:]}")
 
 
 def orthanc_stable(orthanc: OrthancPeer, files: list[Path]) -> float:
@@ -154,6 +162,11 @@ def main() -> None:
     parser.add_argument("--quiet", type=float, default=3.0, help="quiet period in seconds")
     parser.add_argument(
         "--release-quiet", type=float, default=1.0, help="quiet period after association release"
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="a separate prefect server and a pacs-triage worker instead of embedded mode",
     )
     args = parser.parse_args()
     source = sorted(CT_SERIES_DIR.glob("*.dcm"))
@@ -186,16 +199,45 @@ def main() -> None:
                 "PACS_TRIAGE_STABLE_AFTER_RELEASE_SECONDS": str(args.release_quiet),
             }
         )
+        server: ManagedPrefectServer | None = None
+        worker: subprocess.Popen[bytes] | None = None
+        if args.distributed:
+            server = ManagedPrefectServer(workdir / "prefect-server")
+            server.start()
+            if not server.wait():
+                sys.exit(f"Prefect server did not start: {server.error}")
+            env["PREFECT_API_URL"] = server.api_url
+            env["PREFECT_HOME"] = str(workdir / "prefect-client")
         node = NodeProcess(workdir / "node", env=env)
         started = time.monotonic()
         node.start()
         db = Database(f"sqlite:///{node.data_dir / 'index.sqlite'}")
+        worker_log = workdir / "worker.log"
+        log: Callable[[], str] = node.log
         try:
-            while "Prefect server ready" not in node.log():
-                if time.monotonic() - started > 300:
-                    sys.exit("managed Prefect server did not start:\n" + node.log()[-3000:])
-                time.sleep(0.1)
-            print(f"node start to Prefect server ready: {time.monotonic() - started:.1f} s")
+            if args.distributed:
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", "archive.cli", "worker"],
+                    env=node.env,
+                    stdout=worker_log.open("wb"),
+                    stderr=subprocess.STDOUT,
+                    cwd=str(REPO_ROOT),
+                    start_new_session=True,
+                )
+
+                def log() -> str:
+                    return worker_log.read_text(errors="replace")
+
+                print("mode: distributed (prefect server + pacs-triage worker, process per run)")
+            else:
+                while "Prefect server ready" not in node.log():
+                    if time.monotonic() - started > 300:
+                        sys.exit("managed Prefect server did not start:\n" + node.log()[-3000:])
+                    time.sleep(0.1)
+                print(
+                    f"mode: embedded; node start to Prefect server ready: "
+                    f"{time.monotonic() - started:.1f} s"
+                )
             rows = []
             for i, (study_uid, files) in enumerate(studies):
                 result = storescu(node.dicom_port, files, called="PACS_TRIAGE")
@@ -204,7 +246,7 @@ def main() -> None:
                 done, info = wait_final(db, study_uid)
                 if info["state"] != "triaged" or not info["sr"]:
                     sys.exit(f"run {i}: {info}")
-                split = flow_split(node, study_uid)
+                split = flow_split(log, study_uid)
                 total = done - sent
                 wait = info["ready"] - sent
                 dispatch = (info["started"] or info["ready"]) - info["ready"]
@@ -228,7 +270,12 @@ def main() -> None:
                 if i:
                     rows.append(row)
         finally:
+            if worker is not None:
+                os.killpg(worker.pid, signal.SIGTERM)
+                worker.wait(30)
             node.stop()
+            if server is not None:
+                server.stop()
             db.dispose()
 
         with OrthancPeer(extra_config={"StableAge": max(1, round(args.quiet))}) as orthanc:

@@ -18,6 +18,7 @@ from archive.analysis import ModelCatalogue, VolumeCache
 from archive.config import Settings
 from archive.db import Database
 from archive.ingest import Ingest
+from archive.logs import FORMAT
 from archive.store import FileStore
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,23 @@ class TriageRuntime:
 
 _lock = threading.Lock()
 _runtime: TriageRuntime | None = None
+PACKAGES = ("archive", "flows", "models", "pipeline")
+
+
+def _log_like_the_node(level: str) -> None:
+    """Our packages' log lines in a Prefect flow run process, in the node's format.
+
+    Prefect configures the root logger of that process (WARNING), so the
+    node's ``basicConfig`` would do nothing there.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(FORMAT))
+    for name in PACKAGES:
+        package_logger = logging.getLogger(name)
+        if not package_logger.handlers:
+            package_logger.addHandler(handler)
+            package_logger.setLevel(level.upper())
+            package_logger.propagate = False
 
 
 def configure(runtime: TriageRuntime | None) -> None:
@@ -90,5 +108,8 @@ def current() -> TriageRuntime:
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = TriageRuntime.from_settings(Settings())
+            # A worker's flow run process: the node's log format and level for our loggers.
+            settings = Settings()
+            _log_like_the_node(settings.log_level)
+            _runtime = TriageRuntime.from_settings(settings)
         return _runtime

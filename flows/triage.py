@@ -57,7 +57,8 @@ from pipeline.findings import ModelResult
 from pipeline.priority import assess_priority
 from pipeline.report import AnalysisOutcomeValues
 
-logger = logging.getLogger(__name__)
+# A fixed name: a Prefect worker loads this file from its entrypoint under another module name.
+logger = logging.getLogger("flows.triage")
 
 RETRIES = 2
 RETRY_DELAY_SECONDS = [1, 5]

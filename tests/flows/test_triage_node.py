@@ -267,6 +267,8 @@ class TestCrashRecovery:
                 results = session.scalar(select(func.count()).select_from(ModelResultRecord))
             assert [tuple(j) for j in jobs] == [("done", 2)]
             assert results == 1
+            patient_name = str(pydicom.dcmread(ct_series_files[0]).PatientName)
+            assert patient_name not in node.log()
         finally:
             node.stop()
             index.dispose()
