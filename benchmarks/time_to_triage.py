@@ -186,7 +186,7 @@ def main() -> None:
                 "PACS_TRIAGE_STABLE_AFTER_RELEASE_SECONDS": str(args.release_quiet),
             }
         )
-        node = NodeProcess(workdir / "node", env=env)
+        node = NodeProcess(workdir / "node", env=env, triage=True)
         started = time.monotonic()
         node.start()
         db = Database(f"sqlite:///{node.data_dir / 'index.sqlite'}")

@@ -126,6 +126,7 @@ class NodeProcess:
         env: dict[str, str] | None = None,
         dicom_port: int | None = None,
         http_port: int | None = None,
+        triage: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.dicom_port = dicom_port or free_port()
@@ -137,6 +138,8 @@ class NodeProcess:
             "PACS_TRIAGE_HTTP_TOKENS": json.dumps(
                 [{"name": "test", "token": self.token, "scopes": ["admin"]}]
             ),
+            # Triage (and its Prefect server) only where a test asks for it.
+            "PACS_TRIAGE_TRIAGE_ENABLED": "true" if triage else "false",
             "PACS_TRIAGE_DATA_DIR": str(self.data_dir),
             "PACS_TRIAGE_DICOM_HOST": "127.0.0.1",
             "PACS_TRIAGE_DICOM_PORT": str(self.dicom_port),
