@@ -303,6 +303,9 @@ class Settings(BaseSettings):
     model_device: str = "auto"
     """Torch device models run on: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda:0``."""
 
+    model_threads: int = Field(default=1, ge=0)
+    """Torch CPU threads for inference; 0 keeps torch's default (one per core)."""
+
     @classmethod
     def settings_customise_sources(
         cls,
