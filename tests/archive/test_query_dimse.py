@@ -26,8 +26,8 @@ from archive.db import Database
 from archive.ingest import Ingest
 from archive.scp import start_listening_server
 from archive.store import FileStore
-from benchmarks.query import fill
 from tests.dicom_factory import dataset_bytes
+from tests.index_factory import fill
 from tests.peers import (
     STORESCU_PROPOSE,
     NodeProcess,
