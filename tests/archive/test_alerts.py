@@ -233,6 +233,7 @@ def test_delivery_state_is_shown_per_study(tmp_path: Path, node) -> None:
                 f"/api/worklist/{made.study_instance_uid}",
                 headers={"Authorization": f"Bearer {'q' * 24}"},
             ).json()
+    assert item["alerts"] == [{"channel": "webhook:pager", "status": "pending"}]
     (delivery,) = item["deliveries"]
     assert delivery["channel"] == "webhook:pager"
     assert (delivery["kind"], delivery["status"], delivery["attempts"]) == ("alert", "pending", 1)
