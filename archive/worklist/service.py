@@ -585,4 +585,11 @@ def change_token(db: Database) -> str:
         studies = session.execute(
             select(func.max(Study.last_received_at), func.count(Study.id))
         ).one()
-    return "|".join(str(v) for v in (*values, *reading, *studies))
+        deliveries = session.execute(
+            select(
+                func.count(DeliveryOutbox.id),
+                func.max(DeliveryOutbox.sent_at),
+                func.sum(DeliveryOutbox.attempts),
+            )
+        ).one()
+    return "|".join(str(v) for v in (*values, *reading, *studies, *deliveries))
