@@ -219,8 +219,13 @@ def train_main(
 ) -> int:
     """The command line of a bundle's train.py: train, then run its evaluate.py with ``--write``.
 
-    ``--quick`` trains on `quick` settings into a copy of the bundle given by
-    ``--output`` and refuses to write into the committed bundle.
+    The full run trains the bundle's network on `full` settings with one CPU
+    thread and fixed seeds (:func:`train_bundle`), writes models/model.pt, the
+    threshold in configs/triage.json and docs/training.json, then runs the
+    bundle's scripts/evaluate.py on the held-out test phantoms, which writes
+    docs/evaluation.json. ``--quick`` trains on `quick` settings into a copy
+    of the bundle given by ``--output`` (evaluated on 16 test phantoms), to
+    check that the script runs; it refuses to write into the committed bundle.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a few phantoms, one epoch")

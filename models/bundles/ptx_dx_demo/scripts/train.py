@@ -5,20 +5,15 @@ Usage (from the repository root)::
     python models/bundles/ptx_dx_demo/scripts/train.py            # full: writes the bundle
     python models/bundles/ptx_dx_demo/scripts/train.py --quick --output /tmp/ptx  # smoke run
 
-The full run generates the training and validation phantoms, trains the 2D
-UNet of configs/inference.json with one CPU thread and fixed seeds, picks the
-operating threshold on the validation set (Youden's J), writes
-models/model.pt and the threshold into configs/triage.json, then runs
-evaluate.py on the held-out test phantoms and writes docs/evaluation.json.
-``--quick`` trains on a few phantoms for a couple of epochs into a copy of the
-bundle (``--output``), to check that the script runs; it never overwrites
-the committed weights.
+The network is the 2D UNet of configs/inference.json. It segments: the loss
+is pixel-wise binary cross-entropy on the soft pneumothorax fraction (positives
+weighted 5) plus a soft Dice over the batch. The registry's image probability
+is the sigmoid of the largest pixel logit.
 
-The network segments: the loss is pixel-wise binary cross-entropy on the soft
-pneumothorax fraction (positives weighted 5) plus a soft Dice over the batch.
-The registry's image probability is the sigmoid of the largest pixel logit;
-the operating threshold on it is chosen on the validation phantoms.
-The loop itself is :func:`models.training.train_bundle`.
+Training, the choice of the operating threshold on the validation phantoms
+(Youden's J) and the evaluation on the test phantoms are
+:func:`models.training.train_main`; ``--quick`` never overwrites the
+committed weights.
 """
 
 from __future__ import annotations
