@@ -23,7 +23,22 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def _shared_data() -> Path:
+    """The real DICOM data: ``$PACS_TRIAGE_SHARED_DATA``, ../shared/data, or /work/shared/data."""
+    candidates = [
+        os.environ.get("PACS_TRIAGE_SHARED_DATA"),
+        REPO_ROOT.parent / "shared" / "data",
+        "/work/shared/data",
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return REPO_ROOT.parent / "shared" / "data"
+
+
+SHARED_DATA = _shared_data()
 CT_SERIES_DIR = SHARED_DATA / "ct-pancreas-tcia"
 TRANSFER_SYNTAX_DIR = SHARED_DATA / "transfer-syntaxes"
 
