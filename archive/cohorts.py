@@ -444,7 +444,7 @@ def create_cohort(
     weights_sha256: str,
     selection: dict[str, Any],
     studies: Sequence[SelectedStudy],
-    write_sr: bool = True,
+    write_sr: bool = False,
 ) -> CohortInfo:
     """Save a cohort with its exact membership (one pending item per study, in order).
 

@@ -153,7 +153,11 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--spatial-size", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--no-sr", action="store_true", help="cohort without research SRs")
+    parser.add_argument(
+        "--sr",
+        action="store_true",
+        help="cohort with research SRs (off by default, as in the product)",
+    )
     parser.add_argument(
         "--shared-server",
         action="store_true",
@@ -258,7 +262,7 @@ def main() -> int:
                 weights_sha256=model.identity.weights_sha256,
                 selection={"kind": "benchmark"},
                 studies=studies,
-                write_sr=not args.no_sr,
+                write_sr=args.sr,
             )
             env = archive.env(PREFECT_API_URL=server.api_url)
             if not args.shared_server:
@@ -318,7 +322,7 @@ def main() -> int:
         print(
             f"cohort run (run_cohort flow, {'shared' if args.shared_server else 'own'} Prefect "
             f"server, concurrency {args.concurrency}, "
-            f"research SRs {'off' if args.no_sr else 'on'}): "
+            f"research SRs {'on' if args.sr else 'off'}): "
             f"{summary['seconds']:.1f} s for {count} studies = {rate:.0f} studies/h "
             f"({summary['counts']}); yielded {summary['yield_seconds']:.1f} s to triage"
         )
