@@ -666,6 +666,129 @@ def claim_next_item(db: Database, cohort_id: int) -> ClaimedItem | None:
     return ClaimedItem(row.id, cohort_id, row.study_pk, row.study_instance_uid, row.attempts + 1)
 
 
+def pending_items(db: Database, cohort_id: int, limit: int | None = None) -> list[tuple[int, int]]:
+    """(item id, study pk) of the cohort's pending studies, in cohort order (nothing claimed)."""
+    items = CohortItem.__table__
+    query = (
+        select(items.c.id, items.c.study_pk)
+        .where(
+            items.c.cohort_id == cohort_id,
+            items.c.status == CohortItemStatusValues.PENDING.value,
+        )
+        .order_by(items.c.position)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    with db.reader() as session:
+        return [(item_id, study_pk) for item_id, study_pk in session.execute(query)]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :func:`claim_item` found: the claimed study, or why none was claimed."""
+
+    item: ClaimedItem | None = None
+    clinical_waiting: int = 0
+    """Clinical triage jobs queued or running: nothing was claimed, wait and ask again."""
+    owner: bool = True
+    """False when another run has taken the cohort over: stop, claim nothing more."""
+
+
+def claim_item(
+    db: Database,
+    cohort_id: int,
+    item_id: int,
+    run_id: str,
+    *,
+    stale_pending_seconds: float | None = None,
+) -> Claim:
+    """Mark one pending study running for `run_id`, in one write transaction.
+
+    The same transaction checks that `run_id` still owns the cohort and, when
+    `stale_pending_seconds` is given, that no clinical triage job is queued or
+    running (:func:`clinical_work_waiting`): clinical work first, one study at
+    a time, with one round trip per study. A study that is no longer pending
+    (done by another run) is not claimed (``Claim().item`` is None).
+    """
+    items = CohortItem.__table__
+    table = Cohort.__table__
+    now = utcnow()
+    with db.write_connection() as conn:
+        owner = conn.execute(select(table.c.run_id).where(table.c.id == cohort_id)).scalar()
+        if owner != run_id:
+            return Claim(owner=False)
+        if stale_pending_seconds is not None:
+            waiting = _clinical_count(conn, stale_pending_seconds, now)
+            if waiting:
+                return Claim(clinical_waiting=waiting)
+        row = conn.execute(
+            select(items.c.study_pk, items.c.study_instance_uid, items.c.attempts).where(
+                items.c.id == item_id,
+                items.c.cohort_id == cohort_id,
+                items.c.status == CohortItemStatusValues.PENDING.value,
+            )
+        ).one_or_none()
+        if row is None:
+            return Claim()
+        conn.execute(
+            update(items)
+            .where(items.c.id == item_id)
+            .values(
+                status=CohortItemStatusValues.RUNNING.value,
+                attempts=items.c.attempts + 1,
+                started_at=now,
+                error=None,
+            )
+        )
+    return Claim(
+        ClaimedItem(item_id, cohort_id, row.study_pk, row.study_instance_uid, row.attempts + 1)
+    )
+
+
+def release_item(db: Database, item_id: int) -> None:
+    """Put a running study back to pending (its analysis hit a transient error; retry it)."""
+    items = CohortItem.__table__
+    with db.write_connection() as conn:
+        conn.execute(
+            update(items)
+            .where(items.c.id == item_id, items.c.status == CohortItemStatusValues.RUNNING.value)
+            .values(status=CohortItemStatusValues.PENDING.value)
+        )
+
+
+def fail_running_items(db: Database, item_ids: Sequence[int], reason: str) -> int:
+    """Record the running studies among `item_ids` as failed; returns how many were claimed.
+
+    For a run whose chunk of studies failed as a whole: its running studies
+    must not stay running, and its pending ones stay pending for the next run.
+    The count is of the studies no longer pending (claimed by the run).
+    """
+    items = CohortItem.__table__
+    with db.write_connection() as conn:
+        conn.execute(
+            update(items)
+            .where(
+                items.c.id.in_(item_ids),
+                items.c.status == CohortItemStatusValues.RUNNING.value,
+            )
+            .values(
+                status=CohortItemStatusValues.FAILED.value,
+                error=reason[:ERROR_MAX_LENGTH],
+                finished_at=utcnow(),
+            )
+        )
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(items)
+                .where(
+                    items.c.id.in_(item_ids),
+                    items.c.status != CohortItemStatusValues.PENDING.value,
+                )
+            ).scalar_one()
+        )
+
+
 @dataclass(frozen=True)
 class ItemOutcome:
     """How the analysis of one cohort study ended."""
@@ -766,21 +889,24 @@ def clinical_work_waiting(
     jobs, and a research run must not wait for ever on them) or running with a
     live lease. A cohort runner waits while this is above zero.
     """
-    now = now or utcnow()
-    job = TriageJob.__table__
     with db.reader() as session:
-        return int(
-            session.execute(
-                select(func.count())
-                .select_from(job)
-                .where(
-                    or_(
-                        and_(
-                            job.c.status == "pending",
-                            job.c.created_at >= now - timedelta(seconds=stale_pending_seconds),
-                        ),
-                        and_(job.c.status == "running", job.c.lease_expires_at >= now),
-                    )
+        return _clinical_count(session, stale_pending_seconds, now or utcnow())
+
+
+def _clinical_count(conn: Any, stale_pending_seconds: float, now: datetime) -> int:
+    job = TriageJob.__table__
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(job)
+            .where(
+                or_(
+                    and_(
+                        job.c.status == "pending",
+                        job.c.created_at >= now - timedelta(seconds=stale_pending_seconds),
+                    ),
+                    and_(job.c.status == "running", job.c.lease_expires_at >= now),
                 )
-            ).scalar_one()
-        )
+            )
+        ).scalar_one()
+    )
