@@ -298,13 +298,15 @@ def run_model(
     *,
     load: Callable[[], Volume] | None = None,
     look_up: bool = True,
+    record: bool = True,
 ) -> RecordedResult:
     """The model's result on the series: recorded earlier, or computed now and recorded.
 
     `volume` may be None when the series was not loaded; `load` is then
     called to load it (only if there is no recorded result). ``look_up=False``
     skips the look-up of a recorded result (the caller did it already;
-    recording is idempotent either way).
+    recording is idempotent either way); ``record=False`` leaves the recording
+    to the caller (:class:`archive.results.NewResult`).
 
     Raises
     ------
@@ -338,9 +340,14 @@ def run_model(
     seconds = time.perf_counter() - started
     if result.inference_seconds <= 0:
         result = ModelResult(result.model, result.series_instance_uid, result.findings, seconds)
-    record_result(
-        db, study_pk=study_pk, fingerprint=series.fingerprint, result=result, mode=str(model.mode)
-    )
+    if record:
+        record_result(
+            db,
+            study_pk=study_pk,
+            fingerprint=series.fingerprint,
+            result=result,
+            mode=str(model.mode),
+        )
     return RecordedResult(result, str(model.mode), utcnow(), cached=False)
 
 

@@ -35,7 +35,7 @@ from archive.analysis import (
 from archive.cohorts import ClaimedItem, CohortItemStatusValues, ItemOutcome
 from archive.db import Database
 from archive.ingest import Ingest
-from archive.results import RecordedResult, cached_result
+from archive.results import NewResult, RecordedResult, cached_result
 from archive.store import FileStore
 from pipeline.findings import ModelResult
 from pipeline.research import build_research_report, research_report_uids
@@ -201,6 +201,7 @@ def complete_cohort_study(
     results: list[ModelResult] = []
     all_cached = True
     failures: list[str] = []
+    new_results: list[NewResult] = []
     for entry in prepared.series:
         if entry.error is not None:
             failures.append(entry.error)
@@ -209,12 +210,21 @@ def complete_cohort_study(
         if recorded is None:
             try:
                 recorded = run_model(
-                    db, item.study_pk, entry.series, model, entry.volume, look_up=False
+                    db,
+                    item.study_pk,
+                    entry.series,
+                    model,
+                    entry.volume,
+                    look_up=False,
+                    record=False,
                 )
             except AnalysisError as exc:
                 failures.append(str(exc))
                 continue
             inference_seconds += recorded.result.inference_seconds
+            new_results.append(
+                NewResult(item.study_pk, entry.series.fingerprint, recorded.result, recorded.mode)
+            )
         all_cached = all_cached and recorded.cached
         results.append(recorded.result)
     sr_uid = None
@@ -238,6 +248,7 @@ def complete_cohort_study(
             load_seconds=prepared.load_seconds,
             inference_seconds=inference_seconds,
             total_seconds=total,
+            new_results=tuple(new_results),
         )
     return ItemOutcome(
         CohortItemStatusValues.DONE,
@@ -247,6 +258,7 @@ def complete_cohort_study(
         inference_seconds=inference_seconds,
         total_seconds=total,
         sr_sop_instance_uid=sr_uid,
+        new_results=tuple(new_results),
     )
 
 
@@ -264,7 +276,9 @@ def analyse_cohort_study(
     """Run the cohort's model on every matching series of one study and record the results.
 
     :func:`prepare_cohort_study` then :func:`complete_cohort_study`, one after
-    the other (a run overlaps them across studies).
+    the other (a run overlaps them across studies). The results computed now
+    are in the outcome's ``new_results``: :func:`archive.cohorts.finish_item`
+    records them with the outcome.
     """
     prepared = prepare_cohort_study(db, file_store, model, item.study_pk)
     return complete_cohort_study(

@@ -48,6 +48,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from archive.db import Database
 from archive.index import Base, Patient, Series, Study, TriageJob, UTCDateTime, utcnow
+from archive.results import NewResult, record_results
 from pipeline.uids import InvalidUIDError, validate_uid
 
 logger = logging.getLogger(__name__)
@@ -801,6 +802,8 @@ class ItemOutcome:
     inference_seconds: float = 0.0
     total_seconds: float = 0.0
     sr_sop_instance_uid: str | None = None
+    new_results: tuple[NewResult, ...] = ()
+    """Results computed now: :func:`finish_item` records them with the outcome, atomically."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", CohortItemStatusValues(self.status))
@@ -811,9 +814,10 @@ class ItemOutcome:
 
 
 def finish_item(db: Database, item_id: int, outcome: ItemOutcome) -> None:
-    """Record how the study's analysis ended."""
+    """Record how the study's analysis ended, and its new results, in one transaction."""
     items = CohortItem.__table__
     with db.write_connection() as conn:
+        record_results(conn, db.dialect, outcome.new_results)
         conn.execute(
             update(items)
             .where(items.c.id == item_id)
