@@ -8,6 +8,11 @@ or reused when the same model version already ran on exactly these images),
 with the reason. It reuses the triage steps of :mod:`archive.analysis`
 (plan, load, run-and-record), so a cohort and triage share one result cache.
 Optionally stores a research SR (:mod:`pipeline.research`) into the study.
+The analysis is split in two so a run can overlap them across studies:
+:func:`prepare_cohort_study` only reads (index and files, each file once) and
+may run ahead, in a thread; :func:`complete_cohort_study` runs the model on a
+claimed study and returns the new results with the outcome, for
+:func:`archive.cohorts.finish_item` to record in one transaction.
 Transient errors (``OSError``, database errors) propagate so the caller can
 retry; never talks to Prefect.
 """
@@ -140,6 +145,8 @@ def prepare_cohort_study(
         )
         return PreparedStudy(study_pk, plan, [], outcome, seconds=time.perf_counter() - started)
     prepared: list[PreparedSeries] = []
+    # The files were read with the plan: that is loading too, unless every result is reused.
+    plan_seconds = time.perf_counter() - started
     load_seconds = 0.0
     offset = 0
     for series in plan.series:
@@ -163,6 +170,8 @@ def prepare_cohort_study(
         except AnalysisError as exc:
             prepared.append(PreparedSeries(series, error=str(exc)))
         load_seconds += time.perf_counter() - step
+    if any(entry.recorded is None for entry in prepared):
+        load_seconds += plan_seconds
     return PreparedStudy(
         study_pk, plan, prepared, load_seconds=load_seconds, seconds=time.perf_counter() - started
     )

@@ -2,16 +2,21 @@
 
 Accepts the name of a cohort saved by :mod:`archive.cohorts`; maps the
 cohort's model over its pending studies with bounded concurrency, one task
-run per study (:func:`analyse_study`, a call into
-:func:`archive.cohort_analysis.analyse_cohort_study`). The run is on the low
+run per chunk of up to ``CHUNK_SIZE`` studies (:func:`analyse_studies`: the
+model looked up once, each study read once, in a thread, while the model
+works on the study before, see :mod:`archive.cohort_analysis`), so that
+Prefect's cost per task run is shared by many studies. The run is on the low
 priority lane: before each study it waits while clinical triage jobs are
-queued or running (:func:`archive.cohorts.clinical_work_waiting`), and the
-process keeps torch to ``cohort_torch_threads`` threads, so a clinical study
-never waits behind research work for more than the one study in flight. In
+queued or running (checked in the transaction that claims the study,
+:func:`archive.cohorts.claim_item`), and the process keeps torch to
+``cohort_torch_threads`` threads, so a clinical study never waits behind
+research work for more than the one study in flight. In
 distributed mode the same flow is a deployment on the ``cohort`` work queue
 (priority 10, after ``triage``; see :mod:`archive.cohort_runner`).
 
-Idempotent and resumable: studies already done are not claimed again; a run
+Idempotent and resumable: studies are claimed one at a time, when their
+turn comes, and finished (outcome and new results in one transaction) before
+the next is claimed; studies already done are not claimed again; a run
 that was killed leaves its in-flight studies ``running``, and the next run
 puts them back (:func:`archive.cohorts.begin_run`); results are cached per
 (series content, model, version, weights) so a study interrupted after its
