@@ -702,19 +702,48 @@ def claim_item(
     run_id: str,
     *,
     stale_pending_seconds: float | None = None,
+    finished: tuple[int, ItemOutcome] | None = None,
 ) -> Claim:
     """Mark one pending study running for `run_id`, in one write transaction.
 
     The same transaction checks that `run_id` still owns the cohort and, when
     `stale_pending_seconds` is given, that no clinical triage job is queued or
     running (:func:`clinical_work_waiting`): clinical work first, one study at
-    a time, with one round trip per study. A study that is no longer pending
+    a time. `finished` (item id, outcome) records the study done before in the
+    same transaction (as :func:`finish_item`), whether or not this claim
+    succeeds: one round trip per study. A study that is no longer pending
     (done by another run) is not claimed (``Claim().item`` is None).
     """
     items = CohortItem.__table__
     table = Cohort.__table__
     now = utcnow()
+    conditions = [
+        items.c.id == item_id,
+        items.c.cohort_id == cohort_id,
+        items.c.status == CohortItemStatusValues.PENDING.value,
+        exists().where(table.c.id == cohort_id, table.c.run_id == run_id),
+    ]
+    if stale_pending_seconds is not None:
+        conditions.append(~exists().where(_clinical_waiting_condition(stale_pending_seconds, now)))
     with db.write_connection() as conn:
+        if finished is not None:
+            _finish(conn, db.dialect, *finished)
+        # The common case in one statement; the reasons for no claim are looked up after.
+        row = conn.execute(
+            update(items)
+            .where(*conditions)
+            .values(
+                status=CohortItemStatusValues.RUNNING.value,
+                attempts=items.c.attempts + 1,
+                started_at=now,
+                error=None,
+            )
+            .returning(items.c.study_pk, items.c.study_instance_uid, items.c.attempts)
+        ).one_or_none()
+        if row is not None:
+            return Claim(
+                ClaimedItem(item_id, cohort_id, row.study_pk, row.study_instance_uid, row.attempts)
+            )
         owner = conn.execute(select(table.c.run_id).where(table.c.id == cohort_id)).scalar()
         if owner != run_id:
             return Claim(owner=False)
@@ -722,28 +751,7 @@ def claim_item(
             waiting = _clinical_count(conn, stale_pending_seconds, now)
             if waiting:
                 return Claim(clinical_waiting=waiting)
-        row = conn.execute(
-            select(items.c.study_pk, items.c.study_instance_uid, items.c.attempts).where(
-                items.c.id == item_id,
-                items.c.cohort_id == cohort_id,
-                items.c.status == CohortItemStatusValues.PENDING.value,
-            )
-        ).one_or_none()
-        if row is None:
-            return Claim()
-        conn.execute(
-            update(items)
-            .where(items.c.id == item_id)
-            .values(
-                status=CohortItemStatusValues.RUNNING.value,
-                attempts=items.c.attempts + 1,
-                started_at=now,
-                error=None,
-            )
-        )
-    return Claim(
-        ClaimedItem(item_id, cohort_id, row.study_pk, row.study_instance_uid, row.attempts + 1)
-    )
+    return Claim()
 
 
 def release_item(db: Database, item_id: int) -> None:
@@ -815,24 +823,28 @@ class ItemOutcome:
 
 def finish_item(db: Database, item_id: int, outcome: ItemOutcome) -> None:
     """Record how the study's analysis ended, and its new results, in one transaction."""
-    items = CohortItem.__table__
     with db.write_connection() as conn:
-        record_results(conn, db.dialect, outcome.new_results)
-        conn.execute(
-            update(items)
-            .where(items.c.id == item_id)
-            .values(
-                status=outcome.status.value,
-                error=(outcome.error or "")[:ERROR_MAX_LENGTH] or None,
-                cached=outcome.cached,
-                series_analysed=outcome.series_analysed,
-                load_seconds=outcome.load_seconds,
-                inference_seconds=outcome.inference_seconds,
-                total_seconds=outcome.total_seconds,
-                sr_sop_instance_uid=outcome.sr_sop_instance_uid,
-                finished_at=utcnow(),
-            )
+        _finish(conn, db.dialect, item_id, outcome)
+
+
+def _finish(conn: Any, dialect: str, item_id: int, outcome: ItemOutcome) -> None:
+    items = CohortItem.__table__
+    record_results(conn, dialect, outcome.new_results)
+    conn.execute(
+        update(items)
+        .where(items.c.id == item_id)
+        .values(
+            status=outcome.status.value,
+            error=(outcome.error or "")[:ERROR_MAX_LENGTH] or None,
+            cached=outcome.cached,
+            series_analysed=outcome.series_analysed,
+            load_seconds=outcome.load_seconds,
+            inference_seconds=outcome.inference_seconds,
+            total_seconds=outcome.total_seconds,
+            sr_sop_instance_uid=outcome.sr_sop_instance_uid,
+            finished_at=utcnow(),
         )
+    )
 
 
 def end_run(db: Database, cohort_id: int, run_id: str) -> CohortStatusValues:
@@ -897,20 +909,22 @@ def clinical_work_waiting(
         return _clinical_count(session, stale_pending_seconds, now or utcnow())
 
 
-def _clinical_count(conn: Any, stale_pending_seconds: float, now: datetime) -> int:
+def _clinical_waiting_condition(stale_pending_seconds: float, now: datetime) -> Any:
     job = TriageJob.__table__
+    return or_(
+        and_(
+            job.c.status == "pending",
+            job.c.created_at >= now - timedelta(seconds=stale_pending_seconds),
+        ),
+        and_(job.c.status == "running", job.c.lease_expires_at >= now),
+    )
+
+
+def _clinical_count(conn: Any, stale_pending_seconds: float, now: datetime) -> int:
     return int(
         conn.execute(
             select(func.count())
-            .select_from(job)
-            .where(
-                or_(
-                    and_(
-                        job.c.status == "pending",
-                        job.c.created_at >= now - timedelta(seconds=stale_pending_seconds),
-                    ),
-                    and_(job.c.status == "running", job.c.lease_expires_at >= now),
-                )
-            )
+            .select_from(TriageJob.__table__)
+            .where(_clinical_waiting_condition(stale_pending_seconds, now))
         ).scalar_one()
     )

@@ -26,6 +26,7 @@ with its reason while the others go on.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import math
@@ -67,6 +68,8 @@ logger = logging.getLogger(__name__)
 MAX_CONCURRENCY = 16
 CHUNK_SIZE = 50
 """Studies per ``analyse-studies`` task run (fewer when the workers would go idle)."""
+READ_AHEAD = 2
+"""Studies read ahead of the model, in a thread (evens out studies slower to read)."""
 HEARTBEAT_SECONDS = 10.0
 
 
@@ -133,10 +136,10 @@ def analyse_studies(
     `items` are (cohort item id, study pk) pairs, in cohort order. Each study
     is claimed only when its turn comes, in one transaction that also checks
     that this run still owns the cohort and that no clinical triage job waits
-    (:func:`archive.cohorts.claim_item`); its outcome is recorded before the
-    next one is claimed, so a killed run leaves at most one study running.
-    While the model works on a study, a thread reads the next one (it only
-    reads; a study is never analysed before it is claimed). A retry of the
+    (:func:`archive.cohorts.claim_item`) and records the outcome of the study
+    before: a killed run leaves at most one study running.
+    While the model works on a study, a thread reads the next ``READ_AHEAD``
+    (it only reads; a study is never analysed before it is claimed). A retry of the
     task skips the studies already finished.
     """
     rt = runtime.current()
@@ -150,12 +153,27 @@ def analyse_studies(
     def prepare(study_pk: int) -> PreparedStudy:
         return prepare_cohort_study(rt.db, rt.file_store, model, study_pk)
 
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cohort-read") as reader:
-        ahead = reader.submit(prepare, items[0][1]) if items else None
+    reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cohort-read")
+    ahead = collections.deque(reader.submit(prepare, pk) for _, pk in items[:READ_AHEAD])
+    finished: tuple[int, ItemOutcome] | None = None  # recorded with the next claim
+    try:
         for k, (item_id, _study_pk) in enumerate(items):
-            current, ahead = ahead, None
+            current = ahead.popleft()
             while True:
-                claim = claim_item(rt.db, cohort.id, item_id, run_id, stale_pending_seconds=stale)
+                try:
+                    claim = claim_item(
+                        rt.db,
+                        cohort.id,
+                        item_id,
+                        run_id,
+                        stale_pending_seconds=stale,
+                        finished=finished,
+                    )
+                except BaseException:
+                    if finished is not None:
+                        release_item(rt.db, finished[0])  # the task's retry analyses it again
+                    raise
+                finished = None
                 if not claim.owner:
                     return ChunkReport(claimed, waited, owner=False)
                 if not claim.clinical_waiting:
@@ -163,18 +181,18 @@ def analyse_studies(
                 step = time.monotonic()
                 time.sleep(settings.cohort_yield_poll_seconds)
                 waited += time.monotonic() - step
-            if k + 1 < len(items):
-                ahead = reader.submit(prepare, items[k + 1][1])
+            if k + READ_AHEAD < len(items):
+                ahead.append(reader.submit(prepare, items[k + READ_AHEAD][1]))
             item = claim.item
             if item is None:
                 continue  # no longer pending: another run finished it
             claimed += 1
             try:
                 outcome = _analyse(rt, model, cohort, item, current, write_sr, versions, prepare)
-                finish_item(rt.db, item.id, outcome)
             except BaseException:
                 release_item(rt.db, item.id)  # the task's retry claims it again
                 raise
+            finished = (item.id, outcome)
             if outcome.status is CohortItemStatusValues.FAILED:
                 logger.warning(
                     "cohort %s: study %s failed: %s",
@@ -182,6 +200,14 @@ def analyse_studies(
                     item.study_instance_uid,
                     outcome.error,
                 )
+        if finished is not None:
+            try:
+                finish_item(rt.db, *finished)
+            except BaseException:
+                release_item(rt.db, finished[0])
+                raise
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
     return ChunkReport(claimed, waited)
 
 
