@@ -227,8 +227,9 @@ class Settings(BaseSettings):
     """Torch threads of a cohort run's process (0: torch's default); fewer leaves cores to
     clinical triage."""
 
-    cohort_write_sr: bool = True
-    """Store a research SR (Series Description ``RESEARCH ...``) into each analysed study."""
+    cohort_write_sr: bool = False
+    """Store a research SR (Series Description ``RESEARCH ...``) into each analysed study
+    (off by default: research results go to the results table; ``--sr`` asks for SRs)."""
 
     cohort_yield_to_triage: bool = True
     """A cohort run waits while clinical triage jobs are queued or running."""
