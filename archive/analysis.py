@@ -155,12 +155,22 @@ def read_header(path: Path) -> Dataset:
 
 
 def plan_study(
-    db: Database, file_store: FileStore, registry: ModelCatalogue, study_pk: int
+    db: Database,
+    file_store: FileStore,
+    registry: ModelCatalogue,
+    study_pk: int,
+    *,
+    read: Callable[[Path], Dataset] | None = None,
 ) -> StudyPlan:
     """List the study's image series, read their headers and pick the models for each.
 
     The report series of pacs-triage itself and other non-image series are
     left out. A series whose headers cannot be read is an :class:`AnalysisError`.
+    By default only each series' first header is read and the other
+    instances are represented by their four identifying UIDs from the index
+    (all the report needs). `read`, when given, reads every file instead: a
+    caller that will load the volume anyway passes ``pydicom.dcmread`` to read
+    each file once and gives the plan's headers to :func:`load_volume`.
     """
     with db.reader() as session:
         study = session.get(Study, study_pk)
@@ -199,18 +209,26 @@ def plan_study(
             for r in series_rows
         )
         try:
-            first = read_header(instances[0].path)
+            if read is None:
+                first = read_header(instances[0].path)
+                # The report needs one whole header per series (patient, study,
+                # Frame of Reference) and only the four UIDs of the other
+                # instances, which the index holds: no need to read them all.
+                series_headers = [
+                    first,
+                    *(
+                        _reference(study_instance_uid, series_instance_uid, i)
+                        for i in instances[1:]
+                    ),
+                ]
+            else:
+                series_headers = [read(i.path) for i in instances]
+                first = series_headers[0]
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             raise AnalysisError(
                 f"series {series_instance_uid}: stored file unreadable ({type(exc).__name__})"
             ) from exc
-        # The report needs one whole header per series (patient, study, Frame of
-        # Reference) and only the four UIDs of the other instances, which the
-        # index holds: no need to read 500 headers of a long series.
-        headers.append(first)
-        headers.extend(
-            _reference(study_instance_uid, series_instance_uid, i) for i in instances[1:]
-        )
+        headers.extend(series_headers)
         if order == OrderContext():
             order = OrderContext.from_dataset(first)
         descriptor = SeriesDescriptor(
@@ -293,8 +311,11 @@ def needs_loading(db: Database, series: SeriesPlan) -> bool:
     )
 
 
-def load_volume(series: SeriesPlan) -> Volume:
+def load_volume(series: SeriesPlan, datasets: Sequence[Dataset] | None = None) -> Volume:
     """Read a series' files and build its :class:`~pipeline.volume.Volume`.
+
+    `datasets` are the series' data sets with their pixel data when the
+    caller read them already (the files are then not read again).
 
     Raises
     ------
@@ -304,7 +325,8 @@ def load_volume(series: SeriesPlan) -> Volume:
     OSError
         A file could not be read (transient: the flow retries).
     """
-    datasets = [pydicom.dcmread(i.path) for i in series.instances]
+    if datasets is None:
+        datasets = [pydicom.dcmread(i.path) for i in series.instances]
     try:
         return volume_from_datasets(datasets)
     except PixelDataError as exc:
@@ -330,11 +352,16 @@ def run_model(
     volume: Volume | None,
     *,
     load: Callable[[], Volume] | None = None,
+    look_up: bool = True,
+    record: bool = True,
 ) -> RecordedResult:
     """The model's result on the series: recorded earlier, or computed now and recorded.
 
     `volume` may be None when the series was not loaded; `load` is then
-    called to load it (only if there is no recorded result).
+    called to load it (only if there is no recorded result). ``look_up=False``
+    skips the look-up of a recorded result (the caller did it already;
+    recording is idempotent either way); ``record=False`` leaves the recording
+    to the caller (:class:`archive.results.NewResult`).
 
     Raises
     ------
@@ -342,12 +369,16 @@ def run_model(
         The model raised (``models.registry.ModelError`` or anything else).
     """
     identity = model.identity
-    cached = cached_result(
-        db,
-        series_instance_uid=series.series_instance_uid,
-        fingerprint=series.fingerprint,
-        model=identity,
-        definitions=model.findings,
+    cached = (
+        cached_result(
+            db,
+            series_instance_uid=series.series_instance_uid,
+            fingerprint=series.fingerprint,
+            model=identity,
+            definitions=model.findings,
+        )
+        if look_up
+        else None
     )
     if cached is not None:
         return cached
@@ -364,9 +395,14 @@ def run_model(
     seconds = time.perf_counter() - started
     if result.inference_seconds <= 0:
         result = ModelResult(result.model, result.series_instance_uid, result.findings, seconds)
-    record_result(
-        db, study_pk=study_pk, fingerprint=series.fingerprint, result=result, mode=str(model.mode)
-    )
+    if record:
+        record_result(
+            db,
+            study_pk=study_pk,
+            fingerprint=series.fingerprint,
+            result=result,
+            mode=str(model.mode),
+        )
     return RecordedResult(result, str(model.mode), utcnow(), cached=False)
 
 

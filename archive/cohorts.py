@@ -48,6 +48,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from archive.db import Database
 from archive.index import Base, Patient, Series, Study, TriageJob, UTCDateTime, utcnow
+from archive.results import NewResult, record_results
 from pipeline.uids import InvalidUIDError, validate_uid
 
 logger = logging.getLogger(__name__)
@@ -444,7 +445,7 @@ def create_cohort(
     weights_sha256: str,
     selection: dict[str, Any],
     studies: Sequence[SelectedStudy],
-    write_sr: bool = True,
+    write_sr: bool = False,
 ) -> CohortInfo:
     """Save a cohort with its exact membership (one pending item per study, in order).
 
@@ -666,6 +667,137 @@ def claim_next_item(db: Database, cohort_id: int) -> ClaimedItem | None:
     return ClaimedItem(row.id, cohort_id, row.study_pk, row.study_instance_uid, row.attempts + 1)
 
 
+def pending_items(db: Database, cohort_id: int, limit: int | None = None) -> list[tuple[int, int]]:
+    """(item id, study pk) of the cohort's pending studies, in cohort order (nothing claimed)."""
+    items = CohortItem.__table__
+    query = (
+        select(items.c.id, items.c.study_pk)
+        .where(
+            items.c.cohort_id == cohort_id,
+            items.c.status == CohortItemStatusValues.PENDING.value,
+        )
+        .order_by(items.c.position)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    with db.reader() as session:
+        return [(item_id, study_pk) for item_id, study_pk in session.execute(query)]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :func:`claim_item` found: the claimed study, or why none was claimed."""
+
+    item: ClaimedItem | None = None
+    clinical_waiting: int = 0
+    """Clinical triage jobs queued or running: nothing was claimed, wait and ask again."""
+    owner: bool = True
+    """False when another run has taken the cohort over: stop, claim nothing more."""
+
+
+def claim_item(
+    db: Database,
+    cohort_id: int,
+    item_id: int,
+    run_id: str,
+    *,
+    stale_pending_seconds: float | None = None,
+    finished: tuple[int, ItemOutcome] | None = None,
+) -> Claim:
+    """Mark one pending study running for `run_id`, in one write transaction.
+
+    The same transaction checks that `run_id` still owns the cohort and, when
+    `stale_pending_seconds` is given, that no clinical triage job is queued or
+    running (:func:`clinical_work_waiting`): clinical work first, one study at
+    a time. `finished` (item id, outcome) records the study done before in the
+    same transaction (as :func:`finish_item`), whether or not this claim
+    succeeds: one round trip per study. A study that is no longer pending
+    (done by another run) is not claimed (``Claim().item`` is None).
+    """
+    items = CohortItem.__table__
+    table = Cohort.__table__
+    now = utcnow()
+    conditions = [
+        items.c.id == item_id,
+        items.c.cohort_id == cohort_id,
+        items.c.status == CohortItemStatusValues.PENDING.value,
+        exists().where(table.c.id == cohort_id, table.c.run_id == run_id),
+    ]
+    if stale_pending_seconds is not None:
+        conditions.append(~exists().where(_clinical_waiting_condition(stale_pending_seconds, now)))
+    with db.write_connection() as conn:
+        if finished is not None:
+            _finish(conn, db.dialect, *finished)
+        # The common case in one statement; the reasons for no claim are looked up after.
+        row = conn.execute(
+            update(items)
+            .where(*conditions)
+            .values(
+                status=CohortItemStatusValues.RUNNING.value,
+                attempts=items.c.attempts + 1,
+                started_at=now,
+                error=None,
+            )
+            .returning(items.c.study_pk, items.c.study_instance_uid, items.c.attempts)
+        ).one_or_none()
+        if row is not None:
+            return Claim(
+                ClaimedItem(item_id, cohort_id, row.study_pk, row.study_instance_uid, row.attempts)
+            )
+        owner = conn.execute(select(table.c.run_id).where(table.c.id == cohort_id)).scalar()
+        if owner != run_id:
+            return Claim(owner=False)
+        if stale_pending_seconds is not None:
+            waiting = _clinical_count(conn, stale_pending_seconds, now)
+            if waiting:
+                return Claim(clinical_waiting=waiting)
+    return Claim()
+
+
+def release_item(db: Database, item_id: int) -> None:
+    """Put a running study back to pending (its analysis hit a transient error; retry it)."""
+    items = CohortItem.__table__
+    with db.write_connection() as conn:
+        conn.execute(
+            update(items)
+            .where(items.c.id == item_id, items.c.status == CohortItemStatusValues.RUNNING.value)
+            .values(status=CohortItemStatusValues.PENDING.value)
+        )
+
+
+def fail_running_items(db: Database, item_ids: Sequence[int], reason: str) -> int:
+    """Record the running studies among `item_ids` as failed; returns how many were claimed.
+
+    For a run whose chunk of studies failed as a whole: its running studies
+    must not stay running, and its pending ones stay pending for the next run.
+    The count is of the studies no longer pending (claimed by the run).
+    """
+    items = CohortItem.__table__
+    with db.write_connection() as conn:
+        conn.execute(
+            update(items)
+            .where(
+                items.c.id.in_(item_ids),
+                items.c.status == CohortItemStatusValues.RUNNING.value,
+            )
+            .values(
+                status=CohortItemStatusValues.FAILED.value,
+                error=reason[:ERROR_MAX_LENGTH],
+                finished_at=utcnow(),
+            )
+        )
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(items)
+                .where(
+                    items.c.id.in_(item_ids),
+                    items.c.status != CohortItemStatusValues.PENDING.value,
+                )
+            ).scalar_one()
+        )
+
+
 @dataclass(frozen=True)
 class ItemOutcome:
     """How the analysis of one cohort study ended."""
@@ -678,6 +810,8 @@ class ItemOutcome:
     inference_seconds: float = 0.0
     total_seconds: float = 0.0
     sr_sop_instance_uid: str | None = None
+    new_results: tuple[NewResult, ...] = ()
+    """Results computed now: :func:`finish_item` records them with the outcome, atomically."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", CohortItemStatusValues(self.status))
@@ -688,24 +822,29 @@ class ItemOutcome:
 
 
 def finish_item(db: Database, item_id: int, outcome: ItemOutcome) -> None:
-    """Record how the study's analysis ended."""
-    items = CohortItem.__table__
+    """Record how the study's analysis ended, and its new results, in one transaction."""
     with db.write_connection() as conn:
-        conn.execute(
-            update(items)
-            .where(items.c.id == item_id)
-            .values(
-                status=outcome.status.value,
-                error=(outcome.error or "")[:ERROR_MAX_LENGTH] or None,
-                cached=outcome.cached,
-                series_analysed=outcome.series_analysed,
-                load_seconds=outcome.load_seconds,
-                inference_seconds=outcome.inference_seconds,
-                total_seconds=outcome.total_seconds,
-                sr_sop_instance_uid=outcome.sr_sop_instance_uid,
-                finished_at=utcnow(),
-            )
+        _finish(conn, db.dialect, item_id, outcome)
+
+
+def _finish(conn: Any, dialect: str, item_id: int, outcome: ItemOutcome) -> None:
+    items = CohortItem.__table__
+    record_results(conn, dialect, outcome.new_results)
+    conn.execute(
+        update(items)
+        .where(items.c.id == item_id)
+        .values(
+            status=outcome.status.value,
+            error=(outcome.error or "")[:ERROR_MAX_LENGTH] or None,
+            cached=outcome.cached,
+            series_analysed=outcome.series_analysed,
+            load_seconds=outcome.load_seconds,
+            inference_seconds=outcome.inference_seconds,
+            total_seconds=outcome.total_seconds,
+            sr_sop_instance_uid=outcome.sr_sop_instance_uid,
+            finished_at=utcnow(),
         )
+    )
 
 
 def end_run(db: Database, cohort_id: int, run_id: str) -> CohortStatusValues:
@@ -766,21 +905,26 @@ def clinical_work_waiting(
     jobs, and a research run must not wait for ever on them) or running with a
     live lease. A cohort runner waits while this is above zero.
     """
-    now = now or utcnow()
-    job = TriageJob.__table__
     with db.reader() as session:
-        return int(
-            session.execute(
-                select(func.count())
-                .select_from(job)
-                .where(
-                    or_(
-                        and_(
-                            job.c.status == "pending",
-                            job.c.created_at >= now - timedelta(seconds=stale_pending_seconds),
-                        ),
-                        and_(job.c.status == "running", job.c.lease_expires_at >= now),
-                    )
-                )
-            ).scalar_one()
-        )
+        return _clinical_count(session, stale_pending_seconds, now or utcnow())
+
+
+def _clinical_waiting_condition(stale_pending_seconds: float, now: datetime) -> Any:
+    job = TriageJob.__table__
+    return or_(
+        and_(
+            job.c.status == "pending",
+            job.c.created_at >= now - timedelta(seconds=stale_pending_seconds),
+        ),
+        and_(job.c.status == "running", job.c.lease_expires_at >= now),
+    )
+
+
+def _clinical_count(conn: Any, stale_pending_seconds: float, now: datetime) -> int:
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(TriageJob.__table__)
+            .where(_clinical_waiting_condition(stale_pending_seconds, now))
+        ).scalar_one()
+    )

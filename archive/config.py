@@ -230,8 +230,9 @@ class Settings(BaseSettings):
     """Torch threads of a cohort run's process (0: torch's default); fewer leaves cores to
     clinical triage."""
 
-    cohort_write_sr: bool = True
-    """Store a research SR (Series Description ``RESEARCH ...``) into each analysed study."""
+    cohort_write_sr: bool = False
+    """Store a research SR (Series Description ``RESEARCH ...``) into each analysed study
+    (off by default: research results go to the results table; ``--sr`` asks for SRs)."""
 
     cohort_yield_to_triage: bool = True
     """A cohort run waits while clinical triage jobs are queued or running."""
@@ -305,6 +306,9 @@ class Settings(BaseSettings):
 
     model_device: str = "auto"
     """Torch device models run on: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda:0``."""
+
+    model_threads: int = Field(default=1, ge=0)
+    """Torch CPU threads for inference; 0 keeps torch's default (one per core)."""
 
     @classmethod
     def settings_customise_sources(

@@ -74,8 +74,14 @@ def find_real_ct(explicit: str | None) -> Path | None:
     return None
 
 
-def send_files(host: str, port: int, called_ae_title: str, files: list[Path]) -> int:
-    """C-STORE `files` over one association, as a modality does; returns how many succeeded.
+def send_files(
+    host: str, port: int, called_ae_title: str, files: list[Path], attempts: int = 3
+) -> int:
+    """C-STORE `files` as a modality does; returns how many the node stored.
+
+    One association per attempt; like a modality, it tries again (up to
+    `attempts` times) with the files not yet stored when an association is
+    refused or aborted.
 
     References
     ----------
@@ -85,17 +91,31 @@ def send_files(host: str, port: int, called_ae_title: str, files: list[Path]) ->
     contexts = {(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)): None for h in headers}
     ae = AE(ae_title=CALLING_AE_TITLE)
     ae.requested_contexts = [build_context(sop, ts) for sop, ts in contexts]
-    assoc = ae.associate(host, port, ae_title=called_ae_title)
-    if not assoc.is_established:
-        raise RuntimeError(f"the node at {host}:{port} refused the association")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    remaining = list(files)
     stored = 0
-    try:
-        for path in files:
-            status = assoc.send_c_store(path)
-            if "Status" in status and int(status.Status) in (0x0000, 0xB000, 0xB006, 0xB007):
-                stored += 1
-    finally:
-        assoc.release()
+    for attempt in range(1, attempts + 1):
+        assoc = ae.associate(host, port, ae_title=called_ae_title)
+        if not assoc.is_established:
+            logger.warning("association attempt %d refused or aborted", attempt)
+            time.sleep(1.0)
+            continue
+        try:
+            while remaining and assoc.is_established:
+                status = assoc.send_c_store(remaining[0])
+                if "Status" in status and int(status.Status) in (0x0000, 0xB000, 0xB006, 0xB007):
+                    remaining.pop(0)
+                    stored += 1
+                elif "Status" in status:
+                    remaining.pop(0)  # refused with a status: sending again will not help
+                    logger.warning("C-STORE refused: 0x%04X", int(status.Status))
+        except RuntimeError as exc:  # the association was aborted under us
+            logger.warning("association attempt %d ended: %s", attempt, exc)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if not remaining:
+            break
     return stored
 
 

@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -117,6 +118,44 @@ def cached_result(
         row.mode,
         row.created_at,
         cached=True,
+    )
+
+
+@dataclass(frozen=True)
+class NewResult:
+    """A result computed now, to be recorded (with the study's bookkeeping, in one transaction)."""
+
+    study_pk: int
+    fingerprint: str
+    result: ModelResult
+    mode: str
+
+
+def record_results(conn: Any, dialect: str, results: Sequence[NewResult]) -> None:
+    """Record `results` on an open write connection; a second record of the same
+    (images, model) is ignored (idempotent)."""
+    if not results:
+        return
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    now = utcnow()
+    statement = insert(ModelResultRecord.__table__).on_conflict_do_nothing()
+    conn.execute(
+        statement,
+        [
+            {
+                "study_pk": new.study_pk,
+                "series_instance_uid": new.result.series_instance_uid,
+                "series_fingerprint": new.fingerprint,
+                "model_name": new.result.model.name,
+                "model_version": new.result.model.version,
+                "weights_sha256": new.result.model.weights_sha256,
+                "mode": str(new.mode),
+                "findings": findings_to_json(new.result.findings),
+                "inference_seconds": float(new.result.inference_seconds),
+                "created_at": now,
+            }
+            for new in results
+        ],
     )
 
 

@@ -208,7 +208,7 @@ def main() -> None:
                 sys.exit(f"Prefect server did not start: {server.error}")
             env["PREFECT_API_URL"] = server.api_url
             env["PREFECT_HOME"] = str(workdir / "prefect-client")
-        node = NodeProcess(workdir / "node", env=env)
+        node = NodeProcess(workdir / "node", env=env, triage=True)
         started = time.monotonic()
         node.start()
         db = Database(f"sqlite:///{node.data_dir / 'index.sqlite'}")

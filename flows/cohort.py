@@ -2,16 +2,21 @@
 
 Accepts the name of a cohort saved by :mod:`archive.cohorts`; maps the
 cohort's model over its pending studies with bounded concurrency, one task
-run per study (:func:`analyse_study`, a call into
-:func:`archive.cohort_analysis.analyse_cohort_study`). The run is on the low
+run per chunk of up to ``CHUNK_SIZE`` studies (:func:`analyse_studies`: the
+model looked up once, each study read once, in a thread, while the model
+works on the study before, see :mod:`archive.cohort_analysis`), so that
+Prefect's cost per task run is shared by many studies. The run is on the low
 priority lane: before each study it waits while clinical triage jobs are
-queued or running (:func:`archive.cohorts.clinical_work_waiting`), and the
-process keeps torch to ``cohort_torch_threads`` threads, so a clinical study
-never waits behind research work for more than the one study in flight. In
+queued or running (checked in the transaction that claims the study,
+:func:`archive.cohorts.claim_item`), and the process keeps torch to
+``cohort_torch_threads`` threads, so a clinical study never waits behind
+research work for more than the one study in flight. In
 distributed mode the same flow is a deployment on the ``cohort`` work queue
 (priority 10, after ``triage``; see :mod:`archive.cohort_runner`).
 
-Idempotent and resumable: studies already done are not claimed again; a run
+Idempotent and resumable: studies are claimed one at a time, when their
+turn comes, and finished (outcome and new results in one transaction) before
+the next is claimed; studies already done are not claimed again; a run
 that was killed leaves its in-flight studies ``running``, and the next run
 puts them back (:func:`archive.cohorts.begin_run`); results are cached per
 (series content, model, version, weights) so a study interrupted after its
@@ -21,18 +26,23 @@ with its reason while the others go on.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
+import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from archive.cohort_analysis import analyse_cohort_study
+from archive.analysis import AnalysisError
+from archive.cohort_analysis import PreparedStudy, complete_cohort_study, prepare_cohort_study
 from archive.cohorts import (
     ClaimedItem,
     CohortError,
@@ -40,19 +50,26 @@ from archive.cohorts import (
     CohortItemStatusValues,
     ItemOutcome,
     begin_run,
-    claim_next_item,
+    claim_item,
     clinical_work_waiting,
     end_run,
+    fail_running_items,
     finish_item,
     get_cohort,
     heartbeat,
+    pending_items,
+    release_item,
 )
 from flows import runtime
-from flows.triage import retry_transient
+from flows.triage import RETRY_DELAY_SECONDS, retry_transient
 
 logger = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 16
+CHUNK_SIZE = 50
+"""Studies per ``analyse-studies`` task run (fewer when the workers would go idle)."""
+READ_AHEAD = 2
+"""Studies read ahead of the model, in a thread (evens out studies slower to read)."""
 HEARTBEAT_SECONDS = 10.0
 
 
@@ -79,33 +96,153 @@ def cohort_model(cohort: CohortInfo) -> Any:
     return model
 
 
+@dataclass(frozen=True)
+class ChunkReport:
+    """What one :func:`analyse_studies` task did."""
+
+    claimed: int
+    waited_seconds: float
+    owner: bool = True
+
+
+def _with_retries(step: Callable[[], Any]) -> Any:
+    """`step`, tried again after transient errors (anything but an AnalysisError)."""
+    for delay in (*RETRY_DELAY_SECONDS, None):
+        try:
+            return step()
+        except AnalysisError:
+            raise
+        except Exception:
+            if delay is None:
+                raise
+            logger.warning("cohort study: transient error, retrying in %s s", delay, exc_info=True)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 @task(
-    name="analyse-study",
+    name="analyse-studies",
     retries=2,
     retry_delay_seconds=[1, 5],
     retry_condition_fn=retry_transient,
     cache_policy=NO_CACHE,
     persist_result=False,
 )
-def analyse_study(cohort: CohortInfo, item: ClaimedItem, write_sr: bool) -> str:
-    """Run the cohort's model on one study and record the outcome; returns the study's status."""
+def analyse_studies(
+    cohort: CohortInfo, items: list[tuple[int, int]], run_id: str, write_sr: bool
+) -> ChunkReport:
+    """Analyse a chunk of the cohort's studies, one at a time, clinical triage first.
+
+    `items` are (cohort item id, study pk) pairs, in cohort order. Each study
+    is claimed only when its turn comes, in one transaction that also checks
+    that this run still owns the cohort and that no clinical triage job waits
+    (:func:`archive.cohorts.claim_item`) and records the outcome of the study
+    before: a killed run leaves at most one study running.
+    While the model works on a study, a thread reads the next ``READ_AHEAD``
+    (it only reads; a study is never analysed before it is claimed). A retry of the
+    task skips the studies already finished.
+    """
     rt = runtime.current()
-    outcome = analyse_cohort_study(
-        rt.db,
-        rt.file_store,
-        rt.ingest,
-        cohort_model(cohort),
-        item,
-        cohort_name=cohort.name,
-        write_sr=write_sr,
-        software_versions=runtime.software_versions(),
-    )
-    finish_item(rt.db, item.id, outcome)
-    if outcome.status is CohortItemStatusValues.FAILED:
-        logger.warning(
-            "cohort %s: study %s failed: %s", cohort.name, item.study_instance_uid, outcome.error
+    settings = rt.settings
+    model = cohort_model(cohort)
+    versions = runtime.software_versions()
+    stale = settings.cohort_stale_triage_seconds if settings.cohort_yield_to_triage else None
+    claimed = 0
+    waited = 0.0
+
+    def prepare(study_pk: int) -> PreparedStudy:
+        return prepare_cohort_study(rt.db, rt.file_store, model, study_pk)
+
+    reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cohort-read")
+    ahead = collections.deque(reader.submit(prepare, pk) for _, pk in items[:READ_AHEAD])
+    finished: tuple[int, ItemOutcome] | None = None  # recorded with the next claim
+    try:
+        for k, (item_id, _study_pk) in enumerate(items):
+            current = ahead.popleft()
+            while True:
+                try:
+                    claim = claim_item(
+                        rt.db,
+                        cohort.id,
+                        item_id,
+                        run_id,
+                        stale_pending_seconds=stale,
+                        finished=finished,
+                    )
+                except BaseException:
+                    if finished is not None:
+                        release_item(rt.db, finished[0])  # the task's retry analyses it again
+                    raise
+                finished = None
+                if not claim.owner:
+                    return ChunkReport(claimed, waited, owner=False)
+                if not claim.clinical_waiting:
+                    break
+                step = time.monotonic()
+                time.sleep(settings.cohort_yield_poll_seconds)
+                waited += time.monotonic() - step
+            if k + READ_AHEAD < len(items):
+                ahead.append(reader.submit(prepare, items[k + READ_AHEAD][1]))
+            item = claim.item
+            if item is None:
+                continue  # no longer pending: another run finished it
+            claimed += 1
+            try:
+                outcome = _analyse(rt, model, cohort, item, current, write_sr, versions, prepare)
+            except BaseException:
+                release_item(rt.db, item.id)  # the task's retry claims it again
+                raise
+            finished = (item.id, outcome)
+            if outcome.status is CohortItemStatusValues.FAILED:
+                logger.warning(
+                    "cohort %s: study %s failed: %s",
+                    cohort.name,
+                    item.study_instance_uid,
+                    outcome.error,
+                )
+        if finished is not None:
+            try:
+                finish_item(rt.db, *finished)
+            except BaseException:
+                release_item(rt.db, finished[0])
+                raise
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+    return ChunkReport(claimed, waited)
+
+
+def _analyse(
+    rt: runtime.TriageRuntime,
+    model: Any,
+    cohort: CohortInfo,
+    item: ClaimedItem,
+    ahead: concurrent.futures.Future[PreparedStudy] | None,
+    write_sr: bool,
+    versions: str,
+    prepare: Callable[[int], PreparedStudy],
+) -> ItemOutcome:
+    """One claimed study's outcome; transient errors are retried, then recorded as failed."""
+    state = {"first": ahead}
+
+    def attempt() -> ItemOutcome:
+        future, state["first"] = state["first"], None
+        prepared = future.result() if future is not None else prepare(item.study_pk)
+        return complete_cohort_study(
+            rt.db,
+            rt.ingest,
+            model,
+            item,
+            prepared,
+            cohort_name=cohort.name,
+            write_sr=write_sr,
+            software_versions=versions,
         )
-    return outcome.status.value
+
+    try:
+        return _with_retries(attempt)
+    except Exception as exc:
+        reason = f"run error after retries: {type(exc).__name__}: {str(exc)[:300]}"
+        return ItemOutcome(CohortItemStatusValues.FAILED, error=reason)
 
 
 class _Lane:
@@ -232,10 +369,15 @@ def run_cohort(
     )
     lane = _Lane(cohort, run_id)
     started = time.perf_counter()
-    in_flight: dict[concurrent.futures.Future[Any], tuple[Any, ClaimedItem]] = {}
+    pending = pending_items(rt.db, cohort.id, limit=max_studies)
+    # Chunks keep Prefect's cost per study small and still give every worker work.
+    size = max(1, min(CHUNK_SIZE, math.ceil(len(pending) / workers)))
+    chunks = [pending[k : k + size] for k in range(0, len(pending), size)]
+    in_flight: dict[concurrent.futures.Future[Any], tuple[Any, list[tuple[int, int]]]] = {}
     processed = 0
 
     def reap(block: bool) -> None:
+        nonlocal processed
         if not in_flight:
             return
         done, _ = concurrent.futures.wait(
@@ -244,32 +386,34 @@ def run_cohort(
             return_when=concurrent.futures.FIRST_COMPLETED,
         )
         for wrapped in done:
-            future, item = in_flight.pop(wrapped)
+            future, chunk = in_flight.pop(wrapped)
             try:
-                future.result(raise_on_failure=True)
+                report = future.result(raise_on_failure=True)
             except Exception as exc:
-                # The task itself failed after its retries (not the study's analysis,
-                # which records its own failure): record it so no study stays running.
+                # The task failed after its retries (index trouble, not a study's analysis,
+                # which records its own failure): no study of it may stay running; its
+                # unclaimed studies stay pending for the next run.
                 reason = f"run error after retries: {type(exc).__name__}: {str(exc)[:300]}"
-                finish_item(
-                    rt.db, item.id, ItemOutcome(CohortItemStatusValues.FAILED, error=reason)
-                )
+                logger.error("cohort %s: %s", cohort.name, reason)
+                processed += fail_running_items(rt.db, [item_id for item_id, _ in chunk], reason)
+                continue
+            processed += report.claimed
+            lane.waited_seconds += report.waited_seconds
+            if not report.owner:
+                lane.taken_over = True
 
     with lane:
-        while max_studies is None or processed < max_studies:
+        for chunk in chunks:
             while len(in_flight) >= workers:
                 reap(block=True)
             reap(block=False)
             lane.wait_for_clinical()
             lane.check()
-            item = claim_next_item(rt.db, cohort.id)
-            if item is None:
-                break
-            future = analyse_study.submit(cohort, item, write)
-            in_flight[future.wrapped_future] = (future, item)
-            processed += 1
+            future = analyse_studies.submit(cohort, chunk, run_id, write)
+            in_flight[future.wrapped_future] = (future, chunk)
         while in_flight:
             reap(block=True)
+        lane.check()
 
     status = end_run(rt.db, cohort.id, run_id)
     final = get_cohort(rt.db, cohort.name)

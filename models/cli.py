@@ -43,13 +43,13 @@ def handle(args: argparse.Namespace) -> int:
         BundleValidationError,
         ModelNotFoundError,
         ModelRegistry,
+        configure_inference,
         default_model_directories,
-        resolve_device,
         validate_bundle,
     )
 
     settings = Settings()
-    device = resolve_device(settings.model_device)
+    device = configure_inference(settings)
     if args.models_command == "validate":
         try:
             model = validate_bundle(args.path, device=device)

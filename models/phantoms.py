@@ -31,6 +31,66 @@ RESCALE_INTERCEPT = -1024.0
 """Stored value 0 is -1024 HU (PS3.3 C.11.1.1.2 Modality LUT: HU = stored * slope + intercept)."""
 
 
+def _instance_header(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    *,
+    patient_name: str,
+    patient_id: str,
+    study_instance_uid: str,
+    study_date: str,
+    study_time: str,
+    accession_number: str,
+    study_description: str,
+) -> Dataset:
+    """A new instance with its File Meta Information, SOP Common, Patient and General Study.
+
+    References
+    ----------
+    PS3.10 7.1 File Meta Information; PS3.3 C.12.1 SOP Common, C.7.1.1 Patient,
+    C.7.2.1 General Study, https://dicom.nema.org/medical/dicom/current/output/chtml/part03/ps3.3.html
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    # SOP Common (PS3.3 C.12.1)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    # Patient (C.7.1.1)
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    # General Study (C.7.2.1)
+    ds.StudyInstanceUID = study_instance_uid
+    ds.StudyDate = study_date
+    ds.StudyTime = study_time
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = accession_number
+    ds.StudyDescription = study_description
+    return ds
+
+
+def _set_image_pixel(ds: Dataset, pixels: np.ndarray) -> None:
+    """Image Pixel module (PS3.3 C.7.6.3) for one frame of 12-bit unsigned MONOCHROME2 values.
+
+    `pixels` is a (rows, columns) array of uint16 holding the stored values.
+    """
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = (int(n) for n in pixels.shape)
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+
+
 @dataclass(frozen=True)
 class HeadPhantom:
     """One synthetic head CT volume.
@@ -265,29 +325,17 @@ def write_head_ct(
     paths = []
     for k in range(slices):
         sop_uid = deterministic_uid("phantom-instance", series_uid, k)
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        # SOP Common (PS3.3 C.12.1)
-        ds.SpecificCharacterSet = "ISO_IR 192"
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        # Patient (C.7.1.1)
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        # General Study (C.7.2.1)
-        ds.StudyInstanceUID = study_uid
-        ds.StudyDate = study_date
-        ds.StudyTime = study_time
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = "1"
-        ds.AccessionNumber = accession
-        ds.StudyDescription = "CT HEAD"
+        ds = _instance_header(
+            CTImageStorage,
+            sop_uid,
+            patient_name=patient_name,
+            patient_id=patient_id,
+            study_instance_uid=study_uid,
+            study_date=study_date,
+            study_time=study_time,
+            accession_number=accession,
+            study_description="CT HEAD",
+        )
         # General Series (C.7.3.1)
         ds.Modality = "CT"
         ds.SeriesInstanceUID = series_uid
@@ -310,15 +358,8 @@ def write_head_ct(
         ds.ImagePositionPatient = [round(x0, 4), round(y0, 4), z_k]
         ds.SliceThickness = phantom.spacing[0]
         ds.SliceLocation = z_k
-        # Image Pixel (C.7.6.3) and CT Image (C.8.2.1)
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = rows
-        ds.Columns = rows
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
+        _set_image_pixel(ds, stored[k])
+        # CT Image (C.8.2.1)
         ds.RescaleIntercept = RESCALE_INTERCEPT
         ds.RescaleSlope = 1.0
         ds.RescaleType = "HU"
@@ -326,7 +367,6 @@ def write_head_ct(
         ds.AcquisitionNumber = 1
         ds.WindowCenter = 40
         ds.WindowWidth = 80
-        ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
         path = directory / f"CT{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -471,26 +511,17 @@ def write_chest_dx(
     study_uid = study_instance_uid or deterministic_uid("phantom-dx-study", patient_id, seed)
     series_uid = deterministic_uid("phantom-dx-series", study_uid, seed)
     sop_uid = deterministic_uid("phantom-dx-instance", series_uid)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID = sop_uid
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.StudyInstanceUID = study_uid
-    ds.StudyDate = study_date
-    ds.StudyTime = study_time
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.AccessionNumber = accession_number or f"PX{seed % 10**8:08d}"
-    ds.StudyDescription = "XR CHEST PA"
+    ds = _instance_header(
+        DigitalXRayImageStorageForPresentation,
+        sop_uid,
+        patient_name=patient_name,
+        patient_id=patient_id,
+        study_instance_uid=study_uid,
+        study_date=study_date,
+        study_time=study_time,
+        accession_number=accession_number or f"PX{seed % 10**8:08d}",
+        study_description="XR CHEST PA",
+    )
     ds.Modality = "DX"
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = 1
@@ -527,15 +558,7 @@ def write_chest_dx(
     ds.DetectorType = "DIRECT"
     ds.WindowCenter = 1500
     ds.WindowWidth = 3000
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = rows
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(phantom.pixels).tobytes()
+    _set_image_pixel(ds, phantom.pixels)
     path = directory / "DX0001.dcm"
     ds.save_as(path, enforce_file_format=True)
     return [path]

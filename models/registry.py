@@ -1141,6 +1141,24 @@ def default_model_directories(settings: Settings) -> list[Path]:
     return unique
 
 
+def configure_inference(settings: Settings) -> str:
+    """Apply the node's inference settings to torch and return the device to run models on.
+
+    Sets torch's intra-op CPU threads to ``settings.model_threads`` (0 leaves
+    torch's default of one per core). One thread is the default because on a
+    small shared machine (2 cores running the DICOM workers, the database and
+    the flows) more threads oversubscribe the cores: measured by
+    ``benchmarks/inference.py`` on a busy 2-core machine, ich_ct_demo ran 134
+    volumes/s with 1 thread and 10 volumes/s with 2. Call once per process,
+    before :meth:`ModelRegistry.discover`, and pass the returned device to it.
+    """
+    import torch
+
+    if settings.model_threads:
+        torch.set_num_threads(settings.model_threads)
+    return resolve_device(settings.model_device)
+
+
 def resolve_device(requested: str = "auto") -> str:
     """The torch device for ``"auto"`` (CUDA when available, else CPU) or the one named."""
     if requested != "auto":

@@ -23,7 +23,22 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def _shared_data() -> Path:
+    """The real DICOM data: ``$PACS_TRIAGE_SHARED_DATA``, ../shared/data, or /work/shared/data."""
+    candidates = [
+        os.environ.get("PACS_TRIAGE_SHARED_DATA"),
+        REPO_ROOT.parent / "shared" / "data",
+        "/work/shared/data",
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return REPO_ROOT.parent / "shared" / "data"
+
+
+SHARED_DATA = _shared_data()
 CT_SERIES_DIR = SHARED_DATA / "ct-pancreas-tcia"
 TRANSFER_SYNTAX_DIR = SHARED_DATA / "transfer-syntaxes"
 
@@ -126,6 +141,7 @@ class NodeProcess:
         env: dict[str, str] | None = None,
         dicom_port: int | None = None,
         http_port: int | None = None,
+        triage: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.dicom_port = dicom_port or free_port()
@@ -137,6 +153,8 @@ class NodeProcess:
             "PACS_TRIAGE_HTTP_TOKENS": json.dumps(
                 [{"name": "test", "token": self.token, "scopes": ["admin"]}]
             ),
+            # Triage (and its Prefect server) only where a test asks for it.
+            "PACS_TRIAGE_TRIAGE_ENABLED": "true" if triage else "false",
             "PACS_TRIAGE_DATA_DIR": str(self.data_dir),
             "PACS_TRIAGE_DICOM_HOST": "127.0.0.1",
             "PACS_TRIAGE_DICOM_PORT": str(self.dicom_port),

@@ -25,6 +25,7 @@ from sqlalchemy import func, select, update
 from archive.db import Database
 from archive.index import (
     AiFeedback,
+    DeliveryOutbox,
     Patient,
     ReadingStatus,
     Study,
@@ -146,6 +147,8 @@ class WorklistItem:
     findings: list[dict[str, Any]] = field(default_factory=list)
     key_image_sop_instance_uid: str | None = None
     sr_sop_instance_uid: str | None = None
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    """Per alert target of the current result: channel, status (pending/sending/sent/failed)."""
 
     def as_json(self) -> dict[str, Any]:
         """JSON object with DICOM keywords for DICOM attributes."""
@@ -337,7 +340,25 @@ def list_worklist(
     with db.reader() as session:
         full = session.execute(_row_query().where(Study.id.in_(page))).all()
     by_pk = {row[0].id: _item(*row, now=now, policy=policy) for row in full}
+    _attach_alerts(db, by_pk)
     return [by_pk[pk] for pk in page if pk in by_pk], len(ranked)
+
+
+def _attach_alerts(db: Database, items: dict[int, WorklistItem]) -> None:
+    """Fill each item's ``alerts`` with the delivery state of its current result's alerts."""
+    if not items:
+        return
+    table = DeliveryOutbox.__table__
+    with db.reader() as session:
+        rows = session.execute(
+            select(table.c.study_pk, table.c.generation, table.c.channel, table.c.status)
+            .where(table.c.study_pk.in_(list(items)), table.c.kind == "alert")
+            .order_by(table.c.channel)
+        ).all()
+    for study_pk, generation, channel, status in rows:
+        item = items[study_pk]
+        if generation == item.generation:
+            item.alerts.append({"channel": channel, "status": status})
 
 
 def get_item(
@@ -353,7 +374,9 @@ def get_item(
         ).one_or_none()
     if row is None:
         raise NotFoundError(study_instance_uid)
-    return row[0].id, _item(*row, now=now, policy=policy)
+    item = _item(*row, now=now, policy=policy)
+    _attach_alerts(db, {row[0].id: item})
+    return row[0].id, item
 
 
 def change_reading_state(
@@ -562,4 +585,11 @@ def change_token(db: Database) -> str:
         studies = session.execute(
             select(func.max(Study.last_received_at), func.count(Study.id))
         ).one()
-    return "|".join(str(v) for v in (*values, *reading, *studies))
+        deliveries = session.execute(
+            select(
+                func.count(DeliveryOutbox.id),
+                func.max(DeliveryOutbox.sent_at),
+                func.sum(DeliveryOutbox.attempts),
+            )
+        ).one()
+    return "|".join(str(v) for v in (*values, *reading, *studies, *deliveries))

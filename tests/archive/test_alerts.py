@@ -233,7 +233,29 @@ def test_delivery_state_is_shown_per_study(tmp_path: Path, node) -> None:
                 f"/api/worklist/{made.study_instance_uid}",
                 headers={"Authorization": f"Bearer {'q' * 24}"},
             ).json()
+    assert item["alerts"] == [{"channel": "webhook:pager", "status": "pending"}]
     (delivery,) = item["deliveries"]
     assert delivery["channel"] == "webhook:pager"
     assert (delivery["kind"], delivery["status"], delivery["attempts"]) == ("alert", "pending", 1)
     assert delivery["last_error"] == "DeliveryError: webhook answered HTTP 500"
+
+
+def test_message_claimed_by_a_crashed_sender_goes_out_after_its_lease(tmp_path: Path, node) -> None:
+    """A sender that died after claiming leaves the row 'sending'; after the lease it is sent."""
+    from archive.outbox import LEASE_SECONDS, claim_due
+
+    db, ingest, store = node
+    with WebhookReceiver() as receiver:
+        settings = settings_for(
+            tmp_path, alert_webhooks=[WebhookTarget(name="ris", url=receiver.url)]
+        )
+        triaged_study(db, ingest, settings, probability=0.97)
+        now = utcnow()
+        (claimed,) = claim_due(db, now)  # ... and the process dies here
+        assert outbox_rows(db)[0].status == "sending"
+        assert deliver_due(db, settings, store, now=now + timedelta(seconds=5))["sent"] == 0
+        later = now + timedelta(seconds=LEASE_SECONDS + 1)
+        assert deliver_due(db, settings, store, now=later, clock=lambda: later)["sent"] == 1
+    ((headers, _body),) = receiver.requests
+    assert headers["Idempotency-Key"] == claimed.message_id
+    assert outbox_rows(db)[0].status == "sent"

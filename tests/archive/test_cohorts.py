@@ -19,12 +19,15 @@ from archive.cohorts import (
     ItemOutcome,
     StudyQuery,
     begin_run,
+    claim_item,
     claim_next_item,
     clinical_work_waiting,
     create_cohort,
     end_run,
+    fail_running_items,
     finish_item,
     get_cohort,
+    pending_items,
     select_from_csv,
     select_studies,
     select_uids,
@@ -300,6 +303,64 @@ class TestClinicalLane:
         # A job pending for longer than the stale limit (no dispatcher) no longer holds back.
         later = utcnow() + timedelta(seconds=1000)
         assert clinical_work_waiting(db, stale_pending_seconds=900, now=later) == 0
+
+
+class TestClaimItem:
+    def test_claim_records_the_study_before_in_the_same_call(
+        self, db: Database, archive: dict[str, str]
+    ) -> None:
+        info = make_cohort(db, select_studies(db, StudyQuery()))
+        begin_run(db, info.id, "r")
+        (first_id, _), (second_id, _), *_ = pending_items(db, info.id)
+        first = claim_item(db, info.id, first_id, "r").item
+        assert first is not None and first.attempts == 1
+        done = ItemOutcome(CohortItemStatusValues.DONE, total_seconds=0.5)
+        second = claim_item(db, info.id, second_id, "r", finished=(first_id, done)).item
+        assert second is not None
+        assert get_cohort(db, "c1").counts == {"done": 1, "running": 1, "pending": 2}
+        # A study no longer pending is not claimed again.
+        assert claim_item(db, info.id, first_id, "r").item is None
+        assert [pk for pk, _ in pending_items(db, info.id)] == [
+            pk for pk, _ in pending_items(db, info.id, limit=2)
+        ]
+
+    def test_no_claim_while_clinical_work_waits(
+        self, db: Database, archive: dict[str, str]
+    ) -> None:
+        info = make_cohort(db, select_studies(db, StudyQuery(modalities=("CT",))))
+        begin_run(db, info.id, "r")
+        candidate = next(
+            c
+            for c in stable_candidates(db, since=None)
+            if c.study_instance_uid == archive["mr_2025"]
+        )
+        assert mark_ready(db, StableCandidate(*candidate.__dict__.values())) == 1
+        item_id, _ = pending_items(db, info.id)[0]
+        claim = claim_item(db, info.id, item_id, "r", stale_pending_seconds=900)
+        assert claim.item is None and claim.clinical_waiting == 1 and claim.owner
+        # Without the lane (cohort_yield_to_triage off) the study is claimed.
+        assert claim_item(db, info.id, item_id, "r").item is not None
+
+    def test_no_claim_after_another_run_took_over(
+        self, db: Database, archive: dict[str, str]
+    ) -> None:
+        info = make_cohort(db, select_studies(db, StudyQuery()))
+        begin_run(db, info.id, "r1")
+        (first_id, _), (second_id, _), *_ = pending_items(db, info.id)
+        assert claim_item(db, info.id, first_id, "r1").item is not None
+        begin_run(db, info.id, "r2", stale_after_seconds=0)
+        claim = claim_item(db, info.id, second_id, "r1")
+        assert claim.item is None and not claim.owner
+
+    def test_failed_chunk_leaves_no_study_running(
+        self, db: Database, archive: dict[str, str]
+    ) -> None:
+        info = make_cohort(db, select_studies(db, StudyQuery()))
+        begin_run(db, info.id, "r")
+        ids = [item_id for item_id, _ in pending_items(db, info.id)]
+        assert claim_item(db, info.id, ids[0], "r").item is not None
+        assert fail_running_items(db, ids[:3], "run error after retries: OSError") == 1
+        assert get_cohort(db, "c1").counts == {"failed": 1, "pending": 3}
 
 
 class TestAnalysedByFilter:

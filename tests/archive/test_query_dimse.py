@@ -26,8 +26,8 @@ from archive.db import Database
 from archive.ingest import Ingest
 from archive.scp import start_listening_server
 from archive.store import FileStore
-from benchmarks.query import fill
 from tests.dicom_factory import dataset_bytes
+from tests.index_factory import fill
 from tests.peers import (
     STORESCU_PROPOSE,
     NodeProcess,
@@ -90,8 +90,6 @@ def site(
             "PACS_TRIAGE_MOVE_DESTINATIONS": json.dumps(destinations),
             "PACS_TRIAGE_DICOM_WORKERS": "2",
             "PACS_TRIAGE_FSYNC": "false",
-            # Retrieval is under test, not triage: no AI report may join the studies.
-            "PACS_TRIAGE_TRIAGE_ENABLED": "false",
         },
     ).start()
     sent: dict[str, bytes] = {}

@@ -21,14 +21,15 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from archive.config import HttpToken, Settings
+from archive.config import HttpToken, Settings, WebhookTarget
 from archive.db import Database
 from archive.http import AppContext, HttpService, TokenBook, create_app
 from archive.index import ReadingStatus
 from archive.ingest import Ingest
+from archive.outbox import DeliveryService
 from archive.store import FileStore
 from tests.peers import REPO_ROOT
-from tests.worklist_support import triaged_study
+from tests.worklist_support import WebhookReceiver, triaged_study
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -64,12 +65,14 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[tuple[str, Database, Ingest, Settings]]:
+    receiver = WebhookReceiver().__enter__()
     settings = Settings(
         data_dir=tmp_path / "node",
         fsync=False,
         http_port=0,
         worklist_poll_seconds=0.25,
         http_tokens=[HttpToken(name="dr-browser", token=TOKEN, scopes=["read", "write"])],
+        alert_webhooks=[WebhookTarget(name="pager", url=receiver.url)],
     )
     db = Database(settings.resolved_database_url, durable=False)
     db.upgrade()
@@ -84,10 +87,14 @@ def node(tmp_path: Path) -> Iterator[tuple[str, Database, Ingest, Settings]]:
     )
     service = HttpService(settings, create_app(ctx))
     service.start()
+    delivery = DeliveryService(db, settings, store, interval=0.25)
+    delivery.start()
     yield f"http://127.0.0.1:{service.port}", db, ingest, settings
+    delivery.stop()
     ctx.extras["stopping"] = True
     service.stop()
     db.dispose()
+    receiver.__exit__()
 
 
 def click(driver: webdriver.Chrome, selector: str) -> bool:
@@ -137,6 +144,10 @@ def test_login_stat_on_top_live_update_and_mark_opened(browser, node) -> None:
         routine.study_instance_uid,
         failed.study_instance_uid,
     ]
+    # The STAT result paged the configured receiver; the row says so once it is sent.
+    wait.until(
+        lambda d: "alert to pager: sent" in d.find_elements(By.CSS_SELECTOR, "tr.row")[0].text
+    )
     failed_row = browser.find_element(
         By.CSS_SELECTOR, f'tr[data-uid="{failed.study_instance_uid}"]'
     )

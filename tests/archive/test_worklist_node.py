@@ -77,7 +77,7 @@ def test_head_ct_first_with_key_image_real_ct_honest_and_one_alert(
             "PACS_TRIAGE_NODE_NAME": "worklist-node",
             "PACS_TRIAGE_ALERT_WEBHOOKS": json.dumps([{"name": "pager", "url": receiver.url}]),
         }
-        node = NodeProcess(tmp_path / "node", env=env)
+        node = NodeProcess(tmp_path / "node", env=env, triage=True)
         with node:
             assert storescu(node.dicom_port, ct_series_files, called="PACS_TRIAGE").returncode == 0
             assert storescu(node.dicom_port, head, called="PACS_TRIAGE").returncode == 0
@@ -106,7 +106,7 @@ def test_head_ct_first_with_key_image_real_ct_honest_and_one_alert(
             wait_for(lambda: len(receiver.requests) == 1, "the alert", node)
 
         # A restarted node owes nothing: the alert was recorded as sent.
-        node = NodeProcess(tmp_path / "node", env=env)
+        node = NodeProcess(tmp_path / "node", env=env, triage=True)
         with node:
             time.sleep(3)
             assert len(worklist(node)) == 2

@@ -124,7 +124,7 @@ class TestRunCohort:
         ]
         broken = add_corrupt_study(archive)
         registry = use_runtime(archive)
-        new_cohort(archive, "c1", registry)
+        new_cohort(archive, "c1", registry, write_sr=True)
 
         summary = run_flow("c1", concurrency=2)
 

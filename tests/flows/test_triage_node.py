@@ -190,7 +190,9 @@ class TestEmbeddedNode:
     ) -> None:
         # Only the shipped models (models/bundles): ich_ct_demo applies to head CT.
         node = NodeProcess(
-            tmp_path / "node", env={**embedded_env(), **node_env(tmp_path / "no-extra-models")}
+            tmp_path / "node",
+            env={**embedded_env(), **node_env(tmp_path / "no-extra-models")},
+            triage=True,
         )
         seed_prefect_home(node, prefect_server)
         with node:
@@ -240,7 +242,9 @@ class TestCrashRecovery:
     ) -> None:
         models_dir = tmp_path / "models"
         make_bundle(models_dir, name="ct-test", version="1.0.0", probability=0.7)
-        node = NodeProcess(tmp_path / "node", env={**embedded_env(), **node_env(models_dir)})
+        node = NodeProcess(
+            tmp_path / "node", env={**embedded_env(), **node_env(models_dir)}, triage=True
+        )
         seed_prefect_home(node, prefect_server)
         ct_uid = str(pydicom.dcmread(ct_series_files[0]).StudyInstanceUID)
         index = Database(f"sqlite:///{node.data_dir / 'index.sqlite'}")
@@ -327,7 +331,7 @@ class TestDistributedNode:
             "PACS_TRIAGE_PREFECT_WORK_POOL": work_pool,
             "PREFECT_HOME": str(tmp_path / "node-prefect"),
         }
-        node = NodeProcess(tmp_path / "node", env=env)
+        node = NodeProcess(tmp_path / "node", env=env, triage=True)
         with node:
             worker = worker_process(node)
             send(node, head_phantom)

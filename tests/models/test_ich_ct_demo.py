@@ -3,9 +3,6 @@ and the real abdominal CT gets no applicable model."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -13,12 +10,11 @@ import pytest
 
 from models.phantoms import head_phantom, write_head_ct
 from models.registry import SHIPPED_BUNDLES_DIR, InstalledModel, ModelRegistry
-from pipeline.selection import SeriesDescriptor
 from pipeline.volume import volume_from_datasets
+from tests.bundle_support import assert_evaluation_reproduces, series_descriptor
 from tests.peers import CT_SERIES_DIR
 
 BUNDLE = SHIPPED_BUNDLES_DIR / "ich_ct_demo"
-REPO = Path(__file__).resolve().parents[2]
 
 POSITIVE_SEED = 900_000
 """A demo phantom with a hemorrhage (seeds outside the training, validation and test ranges)."""
@@ -33,19 +29,6 @@ def shipped() -> ModelRegistry:
 @pytest.fixture(scope="module")
 def ich(shipped: ModelRegistry) -> InstalledModel:
     return shipped.get("ich_ct_demo")
-
-
-def _descriptor(datasets: list[pydicom.Dataset]) -> SeriesDescriptor:
-    ds = datasets[0]
-    return SeriesDescriptor(
-        series_instance_uid=ds.SeriesInstanceUID,
-        modality=ds.Modality,
-        body_part_examined=ds.get("BodyPartExamined", ""),
-        series_description=ds.get("SeriesDescription", ""),
-        image_type=tuple(ds.get("ImageType", ())),
-        number_of_instances=len(datasets),
-        study_description=ds.get("StudyDescription", ""),
-    )
 
 
 class TestShippedBundle:
@@ -63,27 +46,7 @@ class TestShippedBundle:
         assert (BUNDLE / "models" / "model.pt").stat().st_size < 5_000_000
 
     def test_evaluation_reproduces_committed_numbers(self, ich: InstalledModel) -> None:
-        committed = json.loads((BUNDLE / "docs" / "evaluation.json").read_text())
-        assert committed["weights_sha256"] == ich.identity.weights_sha256
-        done = subprocess.run(
-            [
-                sys.executable,
-                str(BUNDLE / "scripts" / "evaluate.py"),
-                "--n",
-                str(committed["n_test"]),
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr
-        measured = json.loads(done.stdout)
-        assert measured["weights_sha256"] == committed["weights_sha256"]
-        assert measured["threshold"] == committed["threshold"]
-        assert measured["auc"] == pytest.approx(committed["auc"], abs=0.01)
-        assert measured["sensitivity"] == pytest.approx(committed["sensitivity"], abs=0.021)
-        assert measured["specificity"] == pytest.approx(committed["specificity"], abs=0.021)
+        assert_evaluation_reproduces(BUNDLE, ich, rate_tolerance=0.021)
 
 
 class TestOnDicomPhantoms:
@@ -92,7 +55,7 @@ class TestOnDicomPhantoms:
     ) -> None:
         paths = write_head_ct(tmp_path, positive=True, seed=POSITIVE_SEED, patient_id="PH-POS")
         datasets = [pydicom.dcmread(p) for p in paths]
-        assert ich in ModelRegistry([ich]).applicable(_descriptor(datasets))
+        assert ich in ModelRegistry([ich]).applicable(series_descriptor(datasets))
         result = ich.predict(volume_from_datasets(datasets))
         (finding,) = result.findings
         assert finding.probability >= finding.definition.threshold
@@ -116,4 +79,4 @@ class TestRealAbdominalCT:
         if not files:
             pytest.skip(f"real DICOM data not available at {CT_SERIES_DIR}")
         headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-        assert shipped.applicable(_descriptor(headers)) == []
+        assert shipped.applicable(series_descriptor(headers)) == []

@@ -3,10 +3,8 @@ and it never applies to a CT."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -16,9 +14,9 @@ from models.phantoms import write_chest_dx
 from models.registry import SHIPPED_BUNDLES_DIR, InstalledModel, ModelRegistry
 from pipeline.selection import SeriesDescriptor
 from pipeline.volume import volume_from_datasets
+from tests.bundle_support import assert_evaluation_reproduces, series_descriptor
 
 BUNDLE = SHIPPED_BUNDLES_DIR / "ptx_dx_demo"
-REPO = Path(__file__).resolve().parents[2]
 POSITIVE_SEED = 900_000
 NEGATIVE_SEED = 900_005
 
@@ -33,17 +31,6 @@ def ptx(shipped: ModelRegistry) -> InstalledModel:
     return shipped.get("ptx_dx_demo")
 
 
-def _descriptor(ds: pydicom.Dataset) -> SeriesDescriptor:
-    return SeriesDescriptor(
-        series_instance_uid=ds.SeriesInstanceUID,
-        modality=ds.Modality,
-        body_part_examined=ds.get("BodyPartExamined", ""),
-        series_description=ds.get("SeriesDescription", ""),
-        number_of_instances=1,
-        study_description=ds.get("StudyDescription", ""),
-    )
-
-
 class TestShippedBundle:
     def test_bundle_is_valid_and_documented(self, ptx: InstalledModel) -> None:
         (finding,) = ptx.findings
@@ -54,29 +41,14 @@ class TestShippedBundle:
         assert "synthetic" in card
 
     def test_evaluation_reproduces_committed_numbers(self, ptx: InstalledModel) -> None:
-        committed = json.loads((BUNDLE / "docs" / "evaluation.json").read_text())
-        assert committed["weights_sha256"] == ptx.identity.weights_sha256
-        script = BUNDLE / "scripts" / "evaluate.py"
-        done = subprocess.run(
-            [sys.executable, str(script), "--n", str(committed["n_test"])],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr
-        measured = json.loads(done.stdout)
-        assert measured["threshold"] == committed["threshold"]
-        assert measured["auc"] == pytest.approx(committed["auc"], abs=0.01)
-        assert measured["sensitivity"] == pytest.approx(committed["sensitivity"], abs=0.011)
-        assert measured["specificity"] == pytest.approx(committed["specificity"], abs=0.011)
+        assert_evaluation_reproduces(BUNDLE, ptx, rate_tolerance=0.011)
 
 
 class TestOnDicomPhantoms:
     def test_positive_radiograph_is_flagged(self, ptx: InstalledModel, tmp_path: Path) -> None:
         (path,) = write_chest_dx(tmp_path, positive=True, seed=POSITIVE_SEED, patient_id="PX")
         ds = pydicom.dcmread(path)
-        assert ptx in ModelRegistry([ptx]).applicable(_descriptor(ds))
+        assert ptx in ModelRegistry([ptx]).applicable(series_descriptor([ds]))
         (finding,) = ptx.predict(volume_from_datasets([ds])).findings
         assert finding.present
         assert finding.volume_ml is None  # a projection image has no volume

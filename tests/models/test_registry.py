@@ -322,3 +322,18 @@ class TestDefaultModelDirectories:
             tmp_path / "site",
             tmp_path / "data" / "models",
         ]
+
+
+class TestConfigureInference:
+    def test_threads_and_device_from_settings(self, tmp_path: Path) -> None:
+        import torch
+
+        from models.registry import configure_inference
+
+        before = torch.get_num_threads()
+        try:
+            settings = Settings(data_dir=tmp_path, model_threads=1, model_device="cpu")
+            assert configure_inference(settings) == "cpu"
+            assert torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(before)

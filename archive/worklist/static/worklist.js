@@ -81,6 +81,10 @@ function findingCell(item) {
   cell.append(text("div", item.headline, "finding"));
   const stateClass = item.triage_state === "failed" ? "state failed" : "state";
   if (!item.headline.startsWith(item.triage_label)) cell.append(text("div", item.triage_label, stateClass));
+  for (const alert of item.alerts || []) {
+    const target = alert.channel.split(":").slice(1).join(":");
+    cell.append(text("div", `alert to ${target}: ${alert.status}`, `alert alert-${alert.status}`));
+  }
   return cell;
 }
 

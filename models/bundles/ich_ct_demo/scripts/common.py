@@ -5,7 +5,8 @@ and goes through the bundle's own preprocessing (configs/inference.json via
 :func:`models.registry.bundle_preprocessing`), so the network trains on
 exactly what the registry feeds it at inference time.
 
-Seed ranges never overlap: training 0-99 999, validation 200 000+, test 100 000+.
+Seed ranges (:mod:`models.training`) never overlap: training 0-99 999, test 100 000+,
+validation 200 000+.
 """
 
 from __future__ import annotations
@@ -23,10 +24,7 @@ if str(REPO) not in sys.path:
 
 from models.phantoms import head_phantom  # noqa: E402
 from models.registry import bundle_preprocessing  # noqa: E402
-
-TRAIN_SEEDS = range(0, 100_000)
-TEST_SEEDS = range(100_000, 200_000)
-VALIDATION_SEEDS = range(200_000, 300_000)
+from models.training import is_positive  # noqa: E402
 
 
 @dataclass
@@ -37,11 +35,6 @@ class Samples:
     targets: np.ndarray  # (n, 1, 64, 64, 64) float32 in [0, 1]
     labels: np.ndarray  # (n,) float32: 1 positive, 0 negative
     lesion_ml: np.ndarray  # (n,) true hemorrhage volume in ml
-
-
-def is_positive(seed: int) -> bool:
-    """Half the seeds are positive, alternating, so every range is balanced."""
-    return seed % 2 == 0
 
 
 def geometry(seed: int, varied: bool) -> dict[str, int]:

@@ -5,7 +5,8 @@ seed and goes through the bundle's own preprocessing (configs/inference.json
 via :func:`models.registry.bundle_preprocessing`). The pneumothorax mask is
 resized the same way (area interpolation) as the voxel target.
 
-Seed ranges never overlap: training 0-99 999, test 100 000+, validation 200 000+.
+Seed ranges (:mod:`models.training`) never overlap: training 0-99 999, test 100 000+,
+validation 200 000+.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ if str(REPO) not in sys.path:
 
 from models.phantoms import chest_radiograph  # noqa: E402
 from models.registry import bundle_preprocessing  # noqa: E402
+from models.training import is_positive  # noqa: E402
 
-TRAIN_SEEDS = range(0, 100_000)
-TEST_SEEDS = range(100_000, 200_000)
-VALIDATION_SEEDS = range(200_000, 300_000)
 SPATIAL_SIZE = (128, 128)
 
 
@@ -37,11 +36,6 @@ class Samples:
     images: np.ndarray  # (n, 1, 128, 128) float32
     targets: np.ndarray  # (n, 1, 128, 128) float32 in [0, 1]
     labels: np.ndarray  # (n,) float32
-
-
-def is_positive(seed: int) -> bool:
-    """Half the seeds are positive, alternating, so every range is balanced."""
-    return seed % 2 == 0
 
 
 def rows(seed: int, varied: bool) -> int:
