@@ -34,9 +34,11 @@ def software_versions() -> str:
 
 def discover_models(settings: Settings) -> ModelCatalogue:
     """The model registry of the node: shipped bundles plus ``settings.models_dirs``."""
-    from models.registry import ModelRegistry, default_model_directories
+    from models.registry import ModelRegistry, configure_inference, default_model_directories
 
-    registry = ModelRegistry.discover(default_model_directories(settings))
+    # model_threads / model_device: one torch thread by default on a small shared machine.
+    device = configure_inference(settings)
+    registry = ModelRegistry.discover(default_model_directories(settings), device=device)
     for problem in getattr(registry, "problems", []) or []:
         logger.warning("model bundle skipped: %s", problem)
     return registry
