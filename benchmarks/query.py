@@ -126,6 +126,24 @@ def report(results: dict[tuple[str, str, str], list[float]]) -> None:
         print(f"{peer:<22}{service:<10}{name:<22}{p(times, 0.5):9.2f}{p(times, 0.95):9.2f}")
 
 
+def mark_triaged(url: str) -> None:
+    """Record every synthetic study as already triaged, as in an archive in service.
+
+    Otherwise all of them are stability candidates: the node would either mark
+    100k studies ready while we measure (a burst of writes), or, with an endless
+    quiet period, rescan all of them on every stability poll.
+    """
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO study_triage (study_pk, generation, state, ready_at, updated_at) "
+                "SELECT id, 1, 'triaged', last_received_at, last_received_at FROM study"
+            )
+        )
+    engine.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=100_000)
@@ -153,16 +171,13 @@ def main() -> None:
             start = time.perf_counter()
             Database(url).upgrade()
             fill(url, args.studies)
+            mark_triaged(url)
             print(f"{name}: filled in {time.perf_counter() - start:.0f} s")
             node = NodeProcess(
                 workdir / name.split()[-1],
                 env={
                     "PACS_TRIAGE_DATABASE_URL": url,
                     "PACS_TRIAGE_FSYNC": "false",
-                    # The synthetic studies must not all become "ready" for triage
-                    # while we measure: that is a burst of writes, not a query load.
-                    "PACS_TRIAGE_STABLE_AFTER_SECONDS": "1e9",
-                    "PACS_TRIAGE_STABLE_AFTER_RELEASE_SECONDS": "1e9",
                 },
             ).start()
             try:
