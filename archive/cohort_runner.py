@@ -15,24 +15,18 @@ analyses anything itself.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from archive.config import Settings
+from archive.dispatch import COHORT_QUEUE, deploy_on_work_pool
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FLOW_NAME = "run_cohort"
 DEPLOYMENT_NAME = "cohort"
-COHORT_QUEUE = "cohort"
-TRIAGE_QUEUE = "triage"
-QUEUE_PRIORITIES = {TRIAGE_QUEUE: 1, COHORT_QUEUE: 10}
-"""The work pool's queues; a worker serves a lower number first (clinical before research)."""
 
 
 @contextlib.contextmanager
@@ -82,39 +76,11 @@ def ensure_cohort_deployment(work_pool: str) -> str:
 
     Uses the Prefect API of the current settings; returns the deployment id.
     """
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-
     from flows.cohort import run_cohort
 
-    async def pool_and_queues() -> None:
-        async with get_client() as client:
-            with contextlib.suppress(ObjectAlreadyExists):
-                await client.create_work_pool(WorkPoolCreate(name=work_pool, type="process"))
-            existing = {q.name: q for q in await client.read_work_queues(work_pool_name=work_pool)}
-            for name, priority in QUEUE_PRIORITIES.items():
-                if name not in existing:
-                    with contextlib.suppress(ObjectAlreadyExists):
-                        await client.create_work_queue(
-                            name=name, work_pool_name=work_pool, priority=priority
-                        )
-                elif existing[name].priority != priority:
-                    await client.update_work_queue(id=existing[name].id, priority=priority)
-
-    asyncio.run(pool_and_queues())
-    deployment_id = run_cohort.from_source(
-        source=str(REPO_ROOT), entrypoint="flows/cohort.py:run_cohort"
-    ).deploy(
-        name=DEPLOYMENT_NAME,
-        work_pool_name=work_pool,
-        work_queue_name=COHORT_QUEUE,
-        build=False,
-        push=False,
-        print_next_steps=False,
-        ignore_warnings=True,
+    return deploy_on_work_pool(
+        run_cohort, "flows/cohort.py:run_cohort", DEPLOYMENT_NAME, work_pool, COHORT_QUEUE
     )
-    return str(deployment_id)
 
 
 def submit(

@@ -125,43 +125,52 @@ class EmbeddedRunner:
         self.server.stop()
 
 
-def ensure_deployment(work_pool: str) -> str:
-    """Create (idempotently) the work pool, its queues and the triage deployment; return its id.
+def deploy_on_work_pool(flow: Any, entrypoint: str, name: str, work_pool: str, queue: str) -> str:
+    """Create (idempotently) the work pool, its queues and a deployment of `flow`; return its id.
 
-    Uses the Prefect API of the current settings (``PREFECT_API_URL``).
+    The pool gets every queue of :data:`QUEUE_PRIORITIES` (clinical before
+    research), whichever flow is deployed first. Uses the Prefect API of the
+    current settings (``PREFECT_API_URL``).
     """
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
-
-    from flows.triage import triage_study
 
     async def pool_and_queues() -> None:
         async with get_client() as client:
             with contextlib.suppress(ObjectAlreadyExists):
                 await client.create_work_pool(WorkPoolCreate(name=work_pool, type="process"))
             existing = {q.name: q for q in await client.read_work_queues(work_pool_name=work_pool)}
-            for name, priority in QUEUE_PRIORITIES.items():
-                if name not in existing:
-                    await client.create_work_queue(
-                        name=name, work_pool_name=work_pool, priority=priority
-                    )
-                elif existing[name].priority != priority:
-                    await client.update_work_queue(id=existing[name].id, priority=priority)
+            for queue_name, priority in QUEUE_PRIORITIES.items():
+                if queue_name not in existing:
+                    # Another node or a cohort submission may create it at the same time.
+                    with contextlib.suppress(ObjectAlreadyExists):
+                        await client.create_work_queue(
+                            name=queue_name, work_pool_name=work_pool, priority=priority
+                        )
+                elif existing[queue_name].priority != priority:
+                    await client.update_work_queue(id=existing[queue_name].id, priority=priority)
 
     asyncio.run(pool_and_queues())
-    deployment_id = triage_study.from_source(
-        source=str(REPO_ROOT), entrypoint="flows/triage.py:triage_study"
-    ).deploy(
-        name=DEPLOYMENT_NAME,
+    deployment_id = flow.from_source(source=str(REPO_ROOT), entrypoint=entrypoint).deploy(
+        name=name,
         work_pool_name=work_pool,
-        work_queue_name=TRIAGE_QUEUE,
+        work_queue_name=queue,
         build=False,
         push=False,
         print_next_steps=False,
         ignore_warnings=True,
     )
     return str(deployment_id)
+
+
+def ensure_deployment(work_pool: str) -> str:
+    """Create (idempotently) the work pool, its queues and the triage deployment; return its id."""
+    from flows.triage import triage_study
+
+    return deploy_on_work_pool(
+        triage_study, "flows/triage.py:triage_study", DEPLOYMENT_NAME, work_pool, TRIAGE_QUEUE
+    )
 
 
 class DistributedRunner:
