@@ -28,6 +28,7 @@ from pydicom.sr.coding import Code
 from sqlalchemy import select, update
 
 from archive import outbox
+from archive.db import upsert_insert
 from archive.index import Instance, ReadingStatus, Series, Study, StudyTriage, utcnow
 from archive.store import FileStore
 from pipeline.findings import FindingDefinition, FindingResult, ModelIdentity
@@ -273,7 +274,7 @@ def after_triage(
         ).rowcount
         if not changed:
             conn.execute(
-                outbox._insert(conn.dialect.name)(ReadingStatus.__table__)
+                upsert_insert(conn.dialect.name)(ReadingStatus.__table__)
                 .values(study_pk=study_pk, reading_state="unread", **values)
                 .on_conflict_do_nothing(index_elements=["study_pk"])
             )

@@ -25,12 +25,11 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import Connection, bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from archive import status
 from archive.config import DuplicatePolicyValues
-from archive.db import Database
+from archive.db import Database, upsert_insert
 from archive.index import Instance, Patient, Series, StoreConflict, Study, utcnow
 from archive.store import FileStore, StagedFile
 from pipeline.uids import InvalidUIDError, validate_uid
@@ -312,7 +311,7 @@ class _Statements:
     """
 
     def __init__(self, dialect: str) -> None:
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        insert = upsert_insert(dialect)
         patient, study, series, instance = (
             Patient.__table__,
             Study.__table__,

@@ -26,10 +26,9 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Connection, and_, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from archive.config import Settings
-from archive.db import Database
+from archive.db import Database, upsert_insert
 from archive.index import DeliveryOutbox, Study, utcnow
 from archive.store import FileStore
 
@@ -109,10 +108,6 @@ def _target_of(targets: Sequence[Any], name: str) -> Any:
     raise DeliveryError(f"target {name!r} is no longer configured")
 
 
-def _insert(db_dialect: str):  # type: ignore[no-untyped-def]
-    return postgresql.insert if db_dialect == "postgresql" else sqlite.insert
-
-
 def enqueue(
     conn: Connection,
     *,
@@ -129,7 +124,7 @@ def enqueue(
     why the message is owed.
     """
     result = conn.execute(
-        _insert(conn.dialect.name)(DeliveryOutbox.__table__)
+        upsert_insert(conn.dialect.name)(DeliveryOutbox.__table__)
         .values(
             study_pk=study_pk,
             generation=generation,

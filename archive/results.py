@@ -17,9 +17,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 
-from archive.db import Database
+from archive.db import Database, upsert_insert
 from archive.index import ModelResultRecord, utcnow
 from pipeline.findings import FindingDefinition, FindingResult, ModelIdentity, ModelResult
 
@@ -136,7 +135,7 @@ def record_results(conn: Any, dialect: str, results: Sequence[NewResult]) -> Non
     (images, model) is ignored (idempotent)."""
     if not results:
         return
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = upsert_insert(dialect)
     now = utcnow()
     statement = insert(ModelResultRecord.__table__).on_conflict_do_nothing()
     conn.execute(
@@ -169,7 +168,7 @@ def record_result(
     now: datetime | None = None,
 ) -> None:
     """Record `result`; a second record of the same (images, model) is ignored (idempotent)."""
-    insert = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
+    insert = upsert_insert(db.dialect)
     statement = insert(ModelResultRecord.__table__).values(
         study_pk=study_pk,
         series_instance_uid=result.series_instance_uid,

@@ -17,9 +17,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from sqlalchemy import Connection, and_, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from archive.db import Database
+from archive.db import Database, upsert_insert
 from archive.index import Study, StudyTriage, TriageJob, utcnow
 
 logger = logging.getLogger(__name__)
@@ -93,10 +92,6 @@ class TriageOutcome:
             raise ValueError("TriageOutcome.failure_reason is required for a failed analysis")
 
 
-def _insert(db: Database):  # type: ignore[no-untyped-def]
-    return postgresql.insert if db.dialect == "postgresql" else sqlite.insert
-
-
 def stable_candidates(db: Database, *, since: datetime | None) -> list[StableCandidate]:
     """Studies with instances that arrived after their last "ready", newest arrival >= `since`.
 
@@ -146,7 +141,9 @@ def mark_ready(db: Database, candidate: StableCandidate, now: datetime | None = 
         }
         if current is None:
             conn.execute(
-                _insert(db)(StudyTriage.__table__).values(study_pk=candidate.study_pk, **values)
+                upsert_insert(db.dialect)(StudyTriage.__table__).values(
+                    study_pk=candidate.study_pk, **values
+                )
             )
         else:
             conn.execute(
@@ -155,7 +152,7 @@ def mark_ready(db: Database, candidate: StableCandidate, now: datetime | None = 
                 .values(**values)
             )
         conn.execute(
-            _insert(db)(TriageJob.__table__)
+            upsert_insert(db.dialect)(TriageJob.__table__)
             .values(
                 study_pk=candidate.study_pk,
                 generation=generation,

@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
-from archive.db import Database
+from archive.db import Database, upsert_insert
 from archive.index import (
     AiFeedback,
     DeliveryOutbox,
@@ -31,7 +31,6 @@ from archive.index import (
     Study,
     StudyTriage,
 )
-from archive.outbox import _insert
 from pipeline.priority import (
     DEFAULT_PRIORITY_POLICY,
     PriorityClassValues,
@@ -419,7 +418,7 @@ def change_reading_state(
         if current_text is None:
             # The follow-up may create the row at the same moment: then update it instead.
             inserted = conn.execute(
-                _insert(db.dialect)(ReadingStatus.__table__)
+                upsert_insert(db.dialect)(ReadingStatus.__table__)
                 .values(study_pk=study_pk, **values)
                 .on_conflict_do_nothing(index_elements=["study_pk"])
             ).rowcount
