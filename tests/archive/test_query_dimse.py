@@ -115,13 +115,24 @@ def site(
         orthanc.stop()
 
 
-def findscu(port: int, *keys: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    args = ["findscu", "-S", *extra]
+def scu(
+    tool: str, port: int, *keys: str, extra: tuple[str, ...] = (), timeout: float = 60
+) -> subprocess.CompletedProcess:
+    """Run dcmtk's `tool` (findscu, movescu, getscu) in Study Root against the node."""
+    args = [tool, "-S", *extra]
     for key in keys:
         args += ["-k", key]
     return subprocess.run(
-        [*args, "127.0.0.1", str(port)], capture_output=True, text=True, check=False, timeout=60
+        [*args, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
     )
+
+
+def findscu(port: int, *keys: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return scu("findscu", port, *keys, extra=extra)
 
 
 def _received(directory: Path) -> dict[str, bytes]:
@@ -223,22 +234,12 @@ class TestFind:
 
 class TestMove:
     def test_movescu_study_to_storescp_is_byte_identical(self, site: Site) -> None:
-        result = subprocess.run(
-            [
-                "movescu",
-                "-S",
-                "-aem",
-                "STORESCP",
-                "-k",
-                "QueryRetrieveLevel=STUDY",
-                "-k",
-                f"StudyInstanceUID={CT_STUDY}",
-                "127.0.0.1",
-                str(site.node.dicom_port),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
+        result = scu(
+            "movescu",
+            site.node.dicom_port,
+            "QueryRetrieveLevel=STUDY",
+            f"StudyInstanceUID={CT_STUDY}",
+            extra=("-aem", "STORESCP"),
             timeout=120,
         )
         assert result.returncode == 0, result.stderr
@@ -254,22 +255,12 @@ class TestMove:
         study = str(
             pydicom.dcmread(transfer_syntax_files[0], stop_before_pixels=True).StudyInstanceUID
         )
-        result = subprocess.run(
-            [
-                "movescu",
-                "-S",
-                "-aem",
-                "STORESCP",
-                "-k",
-                "QueryRetrieveLevel=STUDY",
-                "-k",
-                f"StudyInstanceUID={study}",
-                "127.0.0.1",
-                str(site.node.dicom_port),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
+        result = scu(
+            "movescu",
+            site.node.dicom_port,
+            "QueryRetrieveLevel=STUDY",
+            f"StudyInstanceUID={study}",
+            extra=("-aem", "STORESCP"),
             timeout=120,
         )
         assert result.returncode == 0, result.stderr
@@ -279,23 +270,12 @@ class TestMove:
             assert received[uid] == site.sent[uid], path.name
 
     def test_unknown_destination_refused(self, site: Site) -> None:
-        result = subprocess.run(
-            [
-                "movescu",
-                "-S",
-                "-aem",
-                "NOWHERE",
-                "-k",
-                "QueryRetrieveLevel=STUDY",
-                "-k",
-                f"StudyInstanceUID={CT_STUDY}",
-                "127.0.0.1",
-                str(site.node.dicom_port),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
+        result = scu(
+            "movescu",
+            site.node.dicom_port,
+            "QueryRetrieveLevel=STUDY",
+            f"StudyInstanceUID={CT_STUDY}",
+            extra=("-aem", "NOWHERE"),
         )
         assert "MoveDestinationUnknown" in result.stderr
 
@@ -318,23 +298,12 @@ class TestMove:
 
 class TestGet:
     def test_getscu_ct_series_byte_identical(self, site: Site, tmp_path: Path) -> None:
-        result = subprocess.run(
-            [
-                "getscu",
-                "-S",
-                "+B",
-                "-od",
-                str(tmp_path),
-                "-k",
-                "QueryRetrieveLevel=STUDY",
-                "-k",
-                f"StudyInstanceUID={CT_STUDY}",
-                "127.0.0.1",
-                str(site.node.dicom_port),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
+        result = scu(
+            "getscu",
+            site.node.dicom_port,
+            "QueryRetrieveLevel=STUDY",
+            f"StudyInstanceUID={CT_STUDY}",
+            extra=("+B", "-od", str(tmp_path)),
             timeout=120,
         )
         assert result.returncode == 0, result.stderr
@@ -352,29 +321,14 @@ class TestGet:
                 continue
             out = tmp_path / path.stem
             out.mkdir()
-            result = subprocess.run(
-                [
-                    "getscu",
-                    "-S",
-                    "+B",
-                    GETSCU_PREFER[str(ds.file_meta.TransferSyntaxUID)],
-                    "-od",
-                    str(out),
-                    "-k",
-                    "QueryRetrieveLevel=IMAGE",
-                    "-k",
-                    f"StudyInstanceUID={ds.StudyInstanceUID}",
-                    "-k",
-                    f"SeriesInstanceUID={ds.SeriesInstanceUID}",
-                    "-k",
-                    f"SOPInstanceUID={ds.SOPInstanceUID}",
-                    "127.0.0.1",
-                    str(site.node.dicom_port),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=60,
+            result = scu(
+                "getscu",
+                site.node.dicom_port,
+                "QueryRetrieveLevel=IMAGE",
+                f"StudyInstanceUID={ds.StudyInstanceUID}",
+                f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+                f"SOPInstanceUID={ds.SOPInstanceUID}",
+                extra=("+B", GETSCU_PREFER[str(ds.file_meta.TransferSyntaxUID)], "-od", str(out)),
             )
             assert result.returncode == 0, result.stderr
             assert _received(out) == {ds.SOPInstanceUID: site.sent[ds.SOPInstanceUID]}, path.name
@@ -387,24 +341,12 @@ class TestGet:
         study = str(
             pydicom.dcmread(transfer_syntax_files[0], stop_before_pixels=True).StudyInstanceUID
         )
-        result = subprocess.run(
-            [
-                "getscu",
-                "-S",
-                "+B",
-                "-od",
-                str(tmp_path),
-                "-k",
-                "QueryRetrieveLevel=STUDY",
-                "-k",
-                f"StudyInstanceUID={study}",
-                "127.0.0.1",
-                str(site.node.dicom_port),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
+        result = scu(
+            "getscu",
+            site.node.dicom_port,
+            "QueryRetrieveLevel=STUDY",
+            f"StudyInstanceUID={study}",
+            extra=("+B", "-od", str(tmp_path)),
         )
         assert "SubOperationsCompleteOneOrMoreFailures" in result.stderr, result.stderr
         assert 0 < len(list(tmp_path.iterdir())) < len(transfer_syntax_files)
@@ -415,18 +357,14 @@ class TestGet:
         (path,) = [p for p in transfer_syntax_files if p.name == "2.dcm"]
         ds = pydicom.dcmread(path)
         assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
-        result = subprocess.run(
-            [
-                *("getscu", "-S", "-od", str(tmp_path), "-k", "QueryRetrieveLevel=IMAGE"),
-                *("-k", f"StudyInstanceUID={ds.StudyInstanceUID}"),
-                *("-k", f"SeriesInstanceUID={ds.SeriesInstanceUID}"),
-                *("-k", f"SOPInstanceUID={ds.SOPInstanceUID}"),
-                *("127.0.0.1", str(site.node.dicom_port)),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
+        result = scu(
+            "getscu",
+            site.node.dicom_port,
+            "QueryRetrieveLevel=IMAGE",
+            f"StudyInstanceUID={ds.StudyInstanceUID}",
+            f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+            f"SOPInstanceUID={ds.SOPInstanceUID}",
+            extra=("-od", str(tmp_path)),
         )
         assert result.returncode == 0, result.stderr
         (received,) = [pydicom.dcmread(p) for p in tmp_path.iterdir()]
