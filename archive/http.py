@@ -201,7 +201,8 @@ def require_scope(scope: TokenScopeValues | str) -> Callable[..., Awaitable[Prin
     return dependency
 
 
-def _parse_uid(value: str, keyword: str) -> str:
+def path_uid(value: str, keyword: str) -> str:
+    """A UID from a URL, validated (PS3.5 9.1) before it reaches a query or a path; else 400."""
     try:
         return validate_uid(value, keyword)
     except InvalidUIDError as exc:
@@ -235,7 +236,7 @@ def _api_router():  # type: ignore[no-untyped-def]
         _: Principal = Depends(read),
     ) -> dict[str, Any]:
         """The triage state of one study; ``waiting_for_images`` when not yet complete."""
-        uid = _parse_uid(study_instance_uid, "StudyInstanceUID")
+        uid = path_uid(study_instance_uid, "StudyInstanceUID")
         with ctx.db.reader() as session:
             row = session.execute(
                 select(Study, StudyTriage)

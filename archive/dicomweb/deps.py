@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
 from archive.config import TokenScopeValues
 from archive.http import AppContext, context, require_scope
-from pipeline.uids import InvalidUIDError, validate_uid
+from archive.http import path_uid as uid
 
 read_scope = Depends(require_scope(TokenScopeValues.READ))
 write_scope = Depends(require_scope(TokenScopeValues.WRITE))
 
 DICOM_JSON = "application/dicom+json"
-
-
-def uid(value: str, keyword: str) -> str:
-    """A path UID, validated (PS3.5 9.1) before it reaches a query or a path; else 400."""
-    try:
-        return validate_uid(value, keyword)
-    except InvalidUIDError as exc:
-        raise HTTPException(400, str(exc)) from None
 
 
 def base_url(request: Request) -> str:

@@ -33,12 +33,18 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from archive.config import TokenScopeValues
-from archive.http import TOKEN_COOKIE, AppContext, Principal, context, require_scope
+from archive.http import (
+    TOKEN_COOKIE,
+    AppContext,
+    Principal,
+    context,
+    path_uid,
+    require_scope,
+)
 from archive.index import Instance, Series, Study, utcnow
 from archive.outbox import delivery_status
 from archive.worklist import service
 from pipeline.render import encode_image, render_dataset, thumbnail
-from pipeline.uids import InvalidUIDError, validate_uid
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +66,7 @@ def clock(ctx: AppContext) -> datetime:
 
 
 def _uid(value: str) -> str:
-    try:
-        return validate_uid(value, "StudyInstanceUID")
-    except InvalidUIDError as exc:
-        raise HTTPException(400, str(exc)) from None
+    return path_uid(value, "StudyInstanceUID")
 
 
 def _date(value: str | None, name: str) -> str | None:
