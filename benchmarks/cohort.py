@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -52,23 +50,17 @@ from sqlalchemy import func, select  # noqa: E402
 from archive.cohorts import CohortItem, StudyQuery, create_cohort, select_studies  # noqa: E402
 from archive.index import Instance, Series, Study, StudyTriage, TriageJob  # noqa: E402
 from archive.triage import mark_ready, stable_candidates  # noqa: E402
+from tests import peers  # noqa: E402
 from tests.flows.cohort_support import Archive, cli  # noqa: E402
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The machine, plus torch's version and default thread count."""
     import torch
 
     return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads by default)"
+        f"{peers.hardware()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads by default)"
     )
 
 

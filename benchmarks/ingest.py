@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -41,20 +40,9 @@ from tests.peers import (
     NodeProcess,
     OrthancPeer,
     StoreSCP,
+    hardware,
     storescu_parallel,
 )
-
-
-def hardware() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}: {os.cpu_count()} x {cpu}, Python {platform.python_version()}"
 
 
 def prepare_instances(count: int, workdir: Path) -> list[Path]:

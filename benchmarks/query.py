@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import socket
@@ -38,21 +37,12 @@ from sqlalchemy.engine import make_url
 from archive.db import Database
 from tests.dicom_factory import ct_dataset, part10_bytes
 from tests.index_factory import INSTANCES_PER_SERIES, SERIES_PER_STUDY, fill, study_values
-from tests.peers import NodeProcess, OrthancPeer
+from tests.peers import NodeProcess, OrthancPeer, hardware
 
 PG_ADMIN_URL = os.environ.get(
     "PACS_TRIAGE_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
 )
 REPEATS = 60
-
-
-def hardware() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{platform.node()}: {os.cpu_count()} x {cpu}, Python {platform.python_version()}"
 
 
 def queries(studies: int, rng: random.Random) -> dict[str, Callable[[], dict[str, str]]]:

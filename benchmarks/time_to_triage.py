@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -56,7 +55,14 @@ from archive.db import Database
 from archive.index import Study, StudyTriage, TriageJob
 from archive.prefect_server import ManagedPrefectServer
 from models.testing import make_bundle
-from tests.peers import CT_SERIES_DIR, REPO_ROOT, NodeProcess, OrthancPeer, storescu
+from tests.peers import (
+    CT_SERIES_DIR,
+    REPO_ROOT,
+    NodeProcess,
+    OrthancPeer,
+    hardware,
+    storescu,
+)
 
 FINAL = ("triaged", "no_applicable_model", "failed")
 TIMING_LINE = re.compile(
@@ -64,18 +70,6 @@ TIMING_LINE = re.compile(
     r"\(plan (?P<plan>[\d.]+), load (?P<load>[\d.]+), inference (?P<inference>[\d.]+), "
     r"report (?P<report>[\d.]+), bookkeeping (?P<bookkeeping>[\d.]+)\)"
 )
-
-
-def hardware() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}: {os.cpu_count()} x {cpu}, Python {platform.python_version()}"
 
 
 def fresh_study(source: list[Path], directory: Path) -> tuple[str, list[Path]]:
